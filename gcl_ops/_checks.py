@@ -1,0 +1,119 @@
+"""Input checks shared by the public functions: each error names the argument and the problem.
+
+Shape and dtype checks are free and always run. Value checks (non-finite numbers, negative
+weights, zero-norm rows, a non-positive scale) read the data back from the device, one
+synchronisation per call; the public functions run them unless called with ``validate=False``
+(and skip them while ``torch.compile`` traces, where reading data back would break the graph).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+IMPLS = ("auto", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def should_validate(validate: bool) -> bool:
+    return validate and not torch.compiler.is_compiling()
+
+
+def check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_embeddings(
+    tensor: torch.Tensor, name: str, *, rows: int | None = None, width: int | None = None
+) -> None:
+    """``tensor`` is a non-empty floating ``(rows, width)`` matrix."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, k), got {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (N = 0): the loss needs at least one pair")
+    if tensor.shape[1] == 0:
+        raise ValueError(f"{name} has embedding width k = 0")
+    if rows is not None and tensor.shape[0] != rows:
+        raise ValueError(f"{name} has {tensor.shape[0]} rows, expected {rows}")
+    if width is not None and tensor.shape[1] != width:
+        raise ValueError(f"{name} has width {tensor.shape[1]}, expected {width}")
+
+
+def check_values(tensor: torch.Tensor, name: str, *, nonzero_rows: bool = False) -> None:
+    """Finite entries; with ``nonzero_rows``, no all-zero row (it has no direction to normalise)."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name} has non-finite values (NaN or inf), first at index {bad}")
+    if nonzero_rows:
+        zero = (tensor == 0).all(dim=-1)
+        if bool(zero.any()):
+            row = int(zero.nonzero()[0, 0])
+            raise ValueError(
+                f"{name} row {row} is all zeros and cannot be normalised (normalize=True)"
+            )
+
+
+def check_weights(weights: torch.Tensor | None, n: int, validate: bool) -> None:
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+    if weights.shape != (n,):
+        raise ValueError(f"weights must have shape (N,) = ({n},), got {tuple(weights.shape)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be floating point, got {weights.dtype}")
+    if should_validate(validate):
+        check_values(weights, "weights")
+        if bool((weights < 0).any()):
+            row = int((weights < 0).nonzero()[0, 0])
+            raise ValueError(f"weights must be >= 0, weights[{row}] = {weights[row].item()}")
+
+
+def check_ids(ids: torch.Tensor | None, n: int, name: str) -> None:
+    if ids is None:
+        return
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(ids).__name__}")
+    if ids.shape != (n,):
+        raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+
+
+def check_logit_scale(logit_scale: float | torch.Tensor, validate: bool) -> None:
+    """A positive finite float, or a 0-dim (or one-element) floating tensor."""
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(
+                f"logit_scale must be a scalar, got a tensor of shape {tuple(logit_scale.shape)}"
+            )
+        if not logit_scale.is_floating_point():
+            raise TypeError(f"logit_scale must be floating point, got {logit_scale.dtype}")
+        if not should_validate(validate):
+            return
+        value = float(logit_scale.detach())
+    elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+        value = float(logit_scale)
+    else:
+        raise TypeError(
+            f"logit_scale must be a float or a tensor, got {type(logit_scale).__name__}"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"logit_scale must be positive and finite (already exponentiated, as open_clip "
+            f"passes logit_scale.exp()), got {value}"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")

@@ -1,0 +1,194 @@
+"""Multi-field GCL (paper Eq. 5) on top of the fused loss.
+
+Query-side fields ``L^1..L^m`` and document-side fields ``R^1..R^n`` (e.g. the query text against a
+product's title and image), each L2-normalised, with field weights ``gamma_L``, ``gamma_R`` that
+sum to 1::
+
+    L_avg = sum_j gamma_Lj L^j        R_avg = sum_k gamma_Rk R^k
+    loss  = L_WCE(Z_avg, w) + sum_j sum_k L_WCE(Z_jk, w)
+
+``Z_jk = t L^j R^k^T``; ``Z_avg = t * L_avg R_avg^T`` with the averages re-normalised first by
+default (``renormalize=True``, as the official GCL inference code embeds documents), or used as they
+are (``renormalize=False``, the paper's literal form).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gcl_ops import _checks
+from gcl_ops.contrastive import Impl, _compute_dtype, gcl_loss
+from gcl_ops.reference import Reduction
+
+
+def _field_gammas(
+    gamma: Sequence[float] | torch.Tensor | None, count: int, name: str
+) -> list[float]:
+    """Uniform by default; else ``count`` non-negative finite numbers summing to 1."""
+    if gamma is None:
+        return [1.0 / count] * count
+    values = [float(g) for g in (gamma.tolist() if isinstance(gamma, torch.Tensor) else gamma)]
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries but there are {count} fields")
+    if any(not math.isfinite(g) or g < 0 for g in values):
+        raise ValueError(f"{name} must be non-negative and finite, got {values}")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"{name} must sum to 1, got {values} (sum {sum(values)})")
+    return values
+
+
+def _check_fields(
+    fields: Sequence[torch.Tensor], name: str, shape: tuple[int, int] | None
+) -> tuple[int, int]:
+    """Each field is an ``(N, k)`` matrix of one shape (``shape`` if given); returns that shape."""
+    if isinstance(fields, torch.Tensor) or len(fields) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of (N, k) tensors, one per field")
+    rows, width = shape if shape is not None else (None, None)
+    for index, field in enumerate(fields):
+        _checks.check_embeddings(field, f"{name}[{index}]", rows=rows, width=width)
+        rows, width = field.shape
+    return rows, width
+
+
+def weighted_field_average(fields: Sequence[torch.Tensor], gamma: Sequence[float]) -> torch.Tensor:
+    """``sum_j gamma_j * fields[j]``, all ``(N, k)``."""
+    return sum(
+        (g * field for g, field in zip(gamma, fields, strict=True)), torch.zeros_like(fields[0])
+    )
+
+
+def multi_field_gcl_loss(
+    lhs: Sequence[torch.Tensor],
+    rhs: Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    logit_scale: float | torch.Tensor = 1.0,
+    *,
+    lhs_gamma: Sequence[float] | torch.Tensor | None = None,
+    rhs_gamma: Sequence[float] | torch.Tensor | None = None,
+    renormalize: bool = True,
+    query_ids: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    impl: Impl = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Multi-field GCL loss (paper Eq. 5): the averaged fields plus every field pair.
+
+    Args:
+        lhs: ``m >= 1`` query-side fields, each ``(N, k)`` (normalised here).
+        rhs: ``n >= 1`` document-side fields, each ``(N, k)``.
+        weights, logit_scale, query_ids, doc_ids, reduction, impl, validate: as in ``gcl_loss``.
+        lhs_gamma, rhs_gamma: field weights (``m`` and ``n`` non-negative numbers summing to 1);
+            default uniform.
+        renormalize: re-normalise the field averages (default True, as the official code);
+            False gives the paper's literal ``Z_avg = t * L_avg R_avg^T``.
+
+    Returns:
+        A scalar (or ``(N,)`` for ``reduction="none"``): ``1 + m * n`` single-field losses summed.
+
+    Equivalent PyTorch::
+
+        L = [F.normalize(x) for x in lhs]; R = [F.normalize(y) for y in rhs]
+        loss = gcl_loss(sum(g * x for g, x in zip(lhs_gamma, L)),
+                        sum(g * y for g, y in zip(rhs_gamma, R)), w, t, normalize=renormalize)
+        loss += sum(gcl_loss(x, y, w, t, normalize=False) for x in L for y in R)
+    """
+    _check_fields(rhs, "rhs", _check_fields(lhs, "lhs", None))
+    gamma_l = _field_gammas(lhs_gamma, len(lhs), "lhs_gamma")
+    gamma_r = _field_gammas(rhs_gamma, len(rhs), "rhs_gamma")
+    if _checks.should_validate(validate):
+        for name, fields in (("lhs", lhs), ("rhs", rhs)):
+            for index, field in enumerate(fields):
+                _checks.check_values(field, f"{name}[{index}]", nonzero_rows=True)
+
+    dtype = _compute_dtype(*lhs, *rhs)
+    lhs_hat = [F.normalize(field.to(dtype), dim=-1) for field in lhs]
+    rhs_hat = [F.normalize(field.to(dtype), dim=-1) for field in rhs]
+    lhs_avg, rhs_avg = (
+        weighted_field_average(lhs_hat, gamma_l),
+        weighted_field_average(rhs_hat, gamma_r),
+    )
+    if renormalize and _checks.should_validate(validate):
+        # Opposite fields can cancel: an average of zero norm has no direction.
+        _checks.check_values(lhs_avg, "the lhs field average", nonzero_rows=True)
+        _checks.check_values(rhs_avg, "the rhs field average", nonzero_rows=True)
+
+    common = dict(query_ids=query_ids, doc_ids=doc_ids, reduction=reduction, impl=impl)
+    # The first call validates the shared arguments (weights, ids, scale) once for all terms.
+    loss = gcl_loss(
+        lhs_avg, rhs_avg, weights, logit_scale, normalize=renormalize, validate=validate, **common
+    )
+    for left in lhs_hat:
+        for right in rhs_hat:
+            loss = loss + gcl_loss(
+                left, right, weights, logit_scale, normalize=False, validate=False, **common
+            )
+    return loss
+
+
+class MultiFieldGCLLoss(nn.Module):
+    """``nn.Module`` form of ``multi_field_gcl_loss``, called like open_clip's ``ClipLoss``.
+
+    ``forward(lhs_features, rhs_features, logit_scale, weights=None, output_dict=False)`` takes
+    sequences of field embeddings (e.g. ``[query_text]`` and ``[title_text, image]``) and returns
+    the loss or ``{"contrastive_loss": loss}``.
+
+    Args:
+        lhs_gamma, rhs_gamma: field weights, default uniform.
+        renormalize: re-normalise the field averages (default True).
+        reduction, impl, validate: as in ``gcl_loss``.
+    """
+
+    def __init__(
+        self,
+        lhs_gamma: Sequence[float] | None = None,
+        rhs_gamma: Sequence[float] | None = None,
+        *,
+        renormalize: bool = True,
+        reduction: Reduction = "mean",
+        impl: Impl = "auto",
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
+        _checks.check_choice(impl, _checks.IMPLS, "impl")
+        self.lhs_gamma = None if lhs_gamma is None else list(lhs_gamma)
+        self.rhs_gamma = None if rhs_gamma is None else list(rhs_gamma)
+        self.renormalize, self.reduction, self.impl, self.validate = (
+            renormalize,
+            reduction,
+            impl,
+            validate,
+        )
+
+    def forward(
+        self,
+        lhs_features: Sequence[torch.Tensor],
+        rhs_features: Sequence[torch.Tensor],
+        logit_scale: float | torch.Tensor,
+        weights: torch.Tensor | None = None,
+        output_dict: bool = False,
+        *,
+        query_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        loss = multi_field_gcl_loss(
+            lhs_features,
+            rhs_features,
+            weights,
+            logit_scale,
+            lhs_gamma=self.lhs_gamma,
+            rhs_gamma=self.rhs_gamma,
+            renormalize=self.renormalize,
+            query_ids=query_ids,
+            doc_ids=doc_ids,
+            reduction=self.reduction,
+            impl=self.impl,
+            validate=self.validate,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
