@@ -12,7 +12,7 @@ import math
 
 import torch
 
-IMPLS = ("auto", "torch")
+IMPLS = ("auto", "triton", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -10,7 +10,8 @@ Two things live here:
 
 * the **naive oracle** (``naive_*``): materialises ``Z`` and follows the definition literally,
   ``L = -(1/2N) sum_i w_i (log softmax_row(Z)[i, i] + log softmax_col(Z)[i, i])``;
-* the **memory-efficient CPU path** (``blockwise_gcl_stats``): the *statistics* of ``Z`` that the
+* the **memory-efficient CPU path** (``blockwise_stats_forward`` / ``_backward``): the
+  *statistics* of ``Z`` that the
   loss needs, computed one block of rows at a time and recomputed in backward, never holding more
   than ``block_rows x M`` entries of ``Z``.
 
@@ -176,7 +177,7 @@ def naive_gcl_stats(
     offset: int = 0,
     normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``blockwise_gcl_stats`` with ``Z`` materialised: ``(neg_row, neg_col, pos)``."""
+    """``blockwise_stats_forward`` with ``Z`` materialised: ``(neg_row, neg_col, pos)``."""
     if normalize:
         query, doc = F.normalize(query, dim=-1), F.normalize(doc, dim=-1)
     logits = (scale * query) @ doc.T
@@ -231,88 +232,104 @@ def _block_logits(
     return logits, excluded
 
 
-class _BlockwiseGCLStats(torch.autograd.Function):
-    """``(neg_row, neg_col, pos)`` of ``Z = scale * Q^ @ D^.T`` without materialising Z."""
+def blockwise_stats_forward(
+    query: torch.Tensor,
+    doc: torch.Tensor,
+    scale: torch.Tensor,
+    query_ids: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    offset: int = 0,
+    normalize: bool = True,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(neg_row (N,), neg_col (M,), pos (N,))`` of ``Z = scale * Q^ @ D^.T``, one block of rows
+    at a time; see ``blockwise_stats_backward`` for the gradient.
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        query: torch.Tensor,
-        doc: torch.Tensor,
-        scale: torch.Tensor,
-        query_ids: torch.Tensor | None,
-        doc_ids: torch.Tensor | None,
-        offset: int,
-        normalize: bool,
-        block_elements: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, m = query.shape[0], doc.shape[0]
-        inv_query, inv_doc = inverse_norms(query, normalize), inverse_norms(doc, normalize)
-        step = _block_rows(m, block_elements)
-        neg_row = query.new_empty(n)
-        neg_col = query.new_full((m,), float("-inf"))
-        for start in range(0, n, step):
-            rows = slice(start, min(start + step, n))
-            cosines = _block_cosines(query, doc, inv_query, inv_doc, rows)
-            logits, _ = _block_logits(cosines, scale, query_ids, doc_ids, rows, offset)
-            neg_row[rows] = torch.logsumexp(logits, dim=1)
-            # Running column statistics: lse(a ∪ b) = logaddexp(lse(a), lse(b)).
-            neg_col = torch.logaddexp(neg_col, torch.logsumexp(logits, dim=0))
-        positives = doc[offset : offset + n]
-        pos = torch.linalg.vecdot(query, positives) * scale
-        if normalize:
-            pos *= inv_query * inv_doc[offset : offset + n]
-        ctx.save_for_backward(
-            query, doc, scale, query_ids, doc_ids, inv_query, inv_doc, neg_row, neg_col
-        )
-        ctx.offset, ctx.step = offset, step
-        return neg_row, neg_col, pos
+    Args:
+        query: ``(N, k)`` row embeddings (queries), fp32 or fp64.
+        doc: ``(M, k)`` column embeddings (documents), same dtype, ``M >= offset + N``.
+        scale: 0-dim tensor, the logit scale ``t``.
+        query_ids, doc_ids: ``(M,)`` integer ids of the columns, or None (``excluded_pairs``);
+            row ``i`` has the ids of column ``offset + i``.
+        offset: the column of row 0's positive (``0`` for the square problem).
+        normalize: L2-normalise rows and columns on the fly (``Q^ = Q / |Q|``); else ``Q^ = Q``.
+        block_elements: at most this many entries of ``Z`` (a block of rows) exist at a time.
 
-    @staticmethod
-    def backward(ctx, grad_neg_row, grad_neg_col, grad_pos):  # type: ignore[override]
-        query, doc, scale, query_ids, doc_ids, inv_query, inv_doc, neg_row, neg_col = (
-            ctx.saved_tensors
-        )
-        n, offset = query.shape[0], ctx.offset
-        grad_query = torch.empty_like(query)
-        grad_doc = torch.zeros_like(doc)  # dL/dD^ until the projection at the end
-        grad_scale = torch.zeros((), dtype=query.dtype, device=query.device)
-        for start in range(0, n, ctx.step):
-            rows = slice(start, min(start + ctx.step, n))
-            cosines = _block_cosines(query, doc, inv_query, inv_doc, rows)
-            logits, excluded = _block_logits(cosines, scale, query_ids, doc_ids, rows, offset)
-            # Negatives: dZ_ij = g_row_i exp(Z_ij - neg_row_i) + g_col_j exp(Z_ij - neg_col_j).
-            grad_logits = (
-                torch.zeros_like(logits)
-                if grad_neg_row is None
-                else (torch.sub(logits, neg_row[rows, None]).exp_().mul_(grad_neg_row[rows, None]))
-            )
-            if grad_neg_col is not None:
-                grad_logits += (
-                    torch.sub(logits, neg_col[None, :]).exp_().mul_(grad_neg_col[None, :])
-                )
-            # exp(-inf - lse) is 0 unless lse is -inf too (a row or column with no negative).
-            if excluded is not None:
-                grad_logits.masked_fill_(excluded, 0.0)
-            # Positives: dZ_{i, offset+i} = g_pos_i.
-            positives = grad_logits.diagonal(offset + start)
-            positives.zero_()
-            if grad_pos is not None:
-                positives.add_(grad_pos[rows])
-            # Z = scale * S: d scale = sum(dZ * S) and dS = scale * dZ.
-            grad_scale += torch.dot(grad_logits.reshape(-1), cosines.reshape(-1))
-            grad_cosines = grad_logits.mul_(scale)
-            if inv_query is None:
-                grad_query[rows] = grad_cosines @ doc
-                grad_doc.addmm_(grad_cosines.T, query[rows])
-                continue
-            # S = diag(1/|q|) Q D^T diag(1/|d|): dQ^ = dS D^, dD^ += dS^T Q^.
-            grad_query_hat = (grad_cosines * inv_doc[None, :]) @ doc
-            grad_doc.addmm_(grad_cosines.T, query[rows] * inv_query[rows, None])
-            grad_query[rows] = _through_normalisation(grad_query_hat, query[rows], inv_query[rows])
-        if inv_doc is not None:
-            _through_normalisation(grad_doc, doc, inv_doc, out=grad_doc)
-        return grad_query, grad_doc, grad_scale.to(scale.dtype), None, None, None, None, None
+    Returns:
+        ``neg_row`` and ``neg_col``, the log-sum-exp of ``Z`` over each row's and column's
+        negatives (``-inf`` where there is none), and ``pos = Z[i, offset + i]``. Extra memory:
+        a few blocks and O(N + M) statistics.
+
+    Equivalent PyTorch: ``naive_gcl_stats(query, doc, scale, ...)``.
+    """
+    n, m = query.shape[0], doc.shape[0]
+    inv_query, inv_doc = inverse_norms(query, normalize), inverse_norms(doc, normalize)
+    step = _block_rows(m, block_elements)
+    neg_row = query.new_empty(n)
+    neg_col = query.new_full((m,), float("-inf"))
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        cosines = _block_cosines(query, doc, inv_query, inv_doc, rows)
+        logits, _ = _block_logits(cosines, scale, query_ids, doc_ids, rows, offset)
+        neg_row[rows] = torch.logsumexp(logits, dim=1)
+        # Running column statistics: lse(a ∪ b) = logaddexp(lse(a), lse(b)).
+        neg_col = torch.logaddexp(neg_col, torch.logsumexp(logits, dim=0))
+    pos = torch.linalg.vecdot(query, doc[offset : offset + n]) * scale
+    if normalize:
+        pos *= inv_query * inv_doc[offset : offset + n]
+    return neg_row, neg_col, pos
+
+
+def blockwise_stats_backward(
+    query: torch.Tensor,
+    doc: torch.Tensor,
+    scale: torch.Tensor,
+    query_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    neg_row: torch.Tensor,
+    neg_col: torch.Tensor,
+    grad_neg_row: torch.Tensor,
+    grad_neg_col: torch.Tensor,
+    grad_pos: torch.Tensor,
+    offset: int = 0,
+    normalize: bool = True,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(d query, d doc, d scale)`` of ``blockwise_stats_forward``, recomputing each
+    block of ``Z`` from the saved statistics; the arguments are the forward's plus its outputs
+    and their gradients (all ``(N,)`` or ``(M,)``)."""
+    n = query.shape[0]
+    inv_query, inv_doc = inverse_norms(query, normalize), inverse_norms(doc, normalize)
+    step = _block_rows(doc.shape[0], block_elements)
+    grad_query = torch.empty_like(query)
+    grad_doc = torch.zeros_like(doc)  # dL/dD^ until the projection at the end
+    grad_scale = torch.zeros((), dtype=query.dtype, device=query.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        cosines = _block_cosines(query, doc, inv_query, inv_doc, rows)
+        logits, excluded = _block_logits(cosines, scale, query_ids, doc_ids, rows, offset)
+        # Negatives: dZ_ij = g_row_i exp(Z_ij - neg_row_i) + g_col_j exp(Z_ij - neg_col_j).
+        grad_logits = torch.sub(logits, neg_row[rows, None]).exp_().mul_(grad_neg_row[rows, None])
+        grad_logits += torch.sub(logits, neg_col[None, :]).exp_().mul_(grad_neg_col[None, :])
+        # exp(-inf - lse) is 0 unless lse is -inf too (a row or column with no negative).
+        if excluded is not None:
+            grad_logits.masked_fill_(excluded, 0.0)
+        # Positives: dZ_{i, offset+i} = g_pos_i.
+        grad_logits.diagonal(offset + start).copy_(grad_pos[rows])
+        # Z = scale * S: d scale = sum(dZ * S) and dS = scale * dZ.
+        grad_scale += torch.dot(grad_logits.reshape(-1), cosines.reshape(-1))
+        grad_cosines = grad_logits.mul_(scale)
+        if inv_query is None:
+            grad_query[rows] = grad_cosines @ doc
+            grad_doc.addmm_(grad_cosines.T, query[rows])
+            continue
+        # S = diag(1/|q|) Q D^T diag(1/|d|): dQ^ = dS D^, dD^ += dS^T Q^.
+        grad_query_hat = (grad_cosines * inv_doc[None, :]) @ doc
+        grad_doc.addmm_(grad_cosines.T, query[rows] * inv_query[rows, None])
+        grad_query[rows] = _through_normalisation(grad_query_hat, query[rows], inv_query[rows])
+    if inv_doc is not None:
+        _through_normalisation(grad_doc, doc, inv_doc, out=grad_doc)
+    return grad_query, grad_doc, grad_scale
 
 
 def _through_normalisation(
@@ -327,39 +344,3 @@ def _through_normalisation(
     out = grad_hat.clone() if out is None else out
     out.addcmul_(x, radial[:, None], value=-1.0)
     return out.mul_(inv_norm[:, None])
-
-
-def blockwise_gcl_stats(
-    query: torch.Tensor,
-    doc: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    query_ids: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
-    offset: int = 0,
-    normalize: bool = True,
-    block_elements: int = BLOCK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The statistics of ``Z = scale * Q^ @ D^.T`` that the loss needs, one block of rows at a time.
-
-    Args:
-        query: ``(N, k)`` row embeddings (queries), fp32 or fp64.
-        doc: ``(M, k)`` column embeddings (documents), same dtype, ``M >= offset + N``.
-        scale: 0-dim tensor, the logit scale ``t`` (differentiable).
-        query_ids, doc_ids: ``(M,)`` integer ids of the columns, or None (``excluded_pairs``);
-            row ``i`` has the ids of column ``offset + i``.
-        offset: the column of row 0's positive (``0`` for the square problem).
-        normalize: L2-normalise rows and columns on the fly (``Q^ = Q / |Q|``); else ``Q^ = Q``.
-        block_elements: at most this many entries of ``Z`` (a block of rows) exist at a time.
-
-    Returns:
-        ``neg_row (N,)`` and ``neg_col (M,)``, the log-sum-exp of ``Z`` over each row's and
-        column's negatives (``-inf`` where there is none), and ``pos (N,) = Z[i, offset + i]``,
-        differentiable w.r.t. ``query``, ``doc`` and ``scale``.
-        Extra memory: the two gradients, a few blocks and O(N + M) statistics.
-
-    Equivalent PyTorch: ``naive_gcl_stats(query, doc, scale, ...)``.
-    """
-    return _BlockwiseGCLStats.apply(
-        query, doc, scale, query_ids, doc_ids, offset, normalize, block_elements
-    )

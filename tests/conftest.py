@@ -1,12 +1,24 @@
-"""Shared test configuration: hypothesis profiles, the gpu marker, dtype/shape parameters."""
+"""Shared test configuration: the Triton interpreter, hypothesis profiles, the gpu marker."""
 
 from __future__ import annotations
 
 import os
+import sys
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+# Without a GPU the Triton kernels run on the CPU under the interpreter, which triton selects
+# when a kernel is defined: the variable must be set before anything imports triton. Importing
+# torch does not; importing gcl_ops (in the test modules, after this file) does.
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "triton was imported before tests/conftest.py could set TRITON_INTERPRET=1"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # "ci" (used when CI is set): reproducible examples; "dev": fresh random examples each run;
 # "thorough" (HYPOTHESIS_PROFILE=thorough): ten times as many, for a long look before a release.

@@ -7,8 +7,9 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from params import DEVICE
 
 import gcl_ops
 from gcl_ops.reference import naive_gcl_loss, naive_gcl_loss_from_logits
@@ -30,6 +31,23 @@ def test_blocked_path_matches_definition_float64(reduction: str, batch: GCLBatch
     assert_matches_reference(
         torch_loss(reduction), batch, reduction=reduction, rtol=1e-6, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@settings(max_examples=20)
+@given(batch=gcl_batches(max_n=96, min_k=2, max_k=64, dtype=torch.float32))
+def test_triton_kernels_match_definition(reduction: str, batch: GCLBatch) -> None:
+    # Under the interpreter without a GPU; weights, duplicate ids and ragged N, k drawn.
+    loss_fn = functools.partial(gcl_ops.gcl_loss, reduction=reduction, impl="triton")
+    assert_matches_reference(loss_fn, batch.to(device=DEVICE), reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@settings(max_examples=15)
+@given(batch=gcl_batches(max_n=64, min_k=2, max_k=64, dtype=torch.float32))
+def test_triton_half_precision_no_worse_than_pytorch(dtype: torch.dtype, batch: GCLBatch) -> None:
+    loss_fn = functools.partial(gcl_ops.gcl_loss, impl="triton")
+    assert_matches_reference(loss_fn, batch.to(dtype=dtype, device=DEVICE))
 
 
 @given(batch=gcl_batches(max_n=40))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from params import DEVICE
 
 import gcl_ops
 from gcl_ops.reference import naive_gcl_loss
@@ -134,3 +135,19 @@ def test_cancelling_fields_are_reported() -> None:
     field = torch.randn(5, 4)
     with pytest.raises(ValueError, match="the lhs field average row 0 is all zeros"):
         gcl_ops.multi_field_gcl_loss([field, -field], [field])
+
+
+def test_triton_and_torch_paths_agree() -> None:
+    generator = torch.Generator().manual_seed(3)
+    fields = [torch.randn(45, 24, generator=generator, device="cpu") for _ in range(3)]
+    weights = torch.rand(45, generator=generator) * 5
+    ids = torch.randint(0, 30, (45,), generator=generator)
+    results = {}
+    for impl in ("torch", "triton"):
+        leaves = [f.to(DEVICE).requires_grad_() for f in fields]
+        loss = gcl_ops.multi_field_gcl_loss(
+            leaves[:1], leaves[1:], weights.to(DEVICE), 20.0, query_ids=ids.to(DEVICE), impl=impl
+        )
+        results[impl] = [loss.detach(), *torch.autograd.grad(loss, leaves)]
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,83 @@
+"""Large shapes on a GPU (skipped without CUDA): the Triton kernels against the blocked PyTorch
+path run on the same GPU in fp32 (the naive loss does not fit at these sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gcl_ops
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCES = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _batch(n: int, k: int, m: int | None = None, seed: int = 0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    m = n if m is None else m
+    doc = torch.randn(m, k, device="cuda", generator=generator)
+    query = 0.5 * doc[:n] + torch.randn(n, k, device="cuda", generator=generator)
+    weights = torch.rand(n, device="cuda", generator=generator) * 10
+    ids = torch.randint(0, n // 2, (n,), device="cuda", generator=generator)
+    return query, doc, weights, ids
+
+
+def _loss_and_grads(query, doc, weights, ids, dtype, impl):
+    q = query.to(dtype).requires_grad_()
+    d = doc.to(dtype).requires_grad_()
+    scale = torch.tensor(50.0, device="cuda", requires_grad=True)
+    loss = gcl_ops.gcl_loss(q, d, weights, scale, query_ids=ids, impl=impl)
+    return [loss.detach().float(), *(g.float() for g in torch.autograd.grad(loss, (q, d, scale)))]
+
+
+@pytest.mark.parametrize("n", [4096, 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_large_batches_match_the_pytorch_path(n: int, dtype: torch.dtype) -> None:
+    query, doc, weights, ids = _batch(n, 512)
+    # The reference sees the same rounded inputs, in fp32.
+    want = _loss_and_grads(query.to(dtype).float(), doc.to(dtype).float(), weights, ids,
+                           torch.float32, "torch")  # fmt: skip
+    got = _loss_and_grads(query, doc, weights, ids, dtype, "triton")
+    for name, g, w in zip(("loss", "query", "doc", "scale"), got, want):
+        error = float((g - w).abs().max()) / max(float(w.abs().max()), 1e-30)
+        assert error < TOLERANCES[dtype], f"{name}: relative error {error:.2e}"
+
+
+def test_offsets_beyond_int32() -> None:
+    # 2^21 + 5 columns of width 1024: column offsets pass 2^31 elements.
+    n, m, k = 64, 2**21 + 5, 1024
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    doc = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=generator)
+    query = doc[m - n :] + 0.5 * torch.randn(
+        n, k, device="cuda", dtype=torch.bfloat16, generator=generator
+    )
+    got = gcl_ops.contrastive.gcl_stats(query, doc, 20.0, offset=m - n, impl="triton")
+    want = gcl_ops.contrastive.gcl_stats(
+        query.float(), doc.float(), 20.0, offset=m - n, impl="torch"
+    )
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_fp32_matmul_precision_setting(precision: str) -> None:
+    query, doc, weights, ids = _batch(2048, 256, seed=2)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        got = _loss_and_grads(query, doc, weights, ids, torch.float32, "triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    want = _loss_and_grads(
+        query.double(), doc.double(), weights.double(), ids, torch.float64, "torch"
+    )
+    tolerance = 1e-5 if precision == "highest" else 5e-3  # TF32 keeps 10 mantissa bits
+    for g, w in zip(got, want):
+        error = float((g.double() - w).abs().max()) / max(float(w.abs().max()), 1e-30)
+        assert error < tolerance
+
+
+def test_triton_is_the_default_on_cuda() -> None:
+    query, doc, weights, ids = _batch(256, 64)
+    assert gcl_ops.contrastive.resolve_backend("auto", query) == "triton"
