@@ -658,11 +658,13 @@ def _gcl_stats_op(
     normalize: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return _triton_stats_forward(query, doc, scale, query_ids, doc_ids, offset, normalize)
-    return reference.blockwise_stats_forward(
-        query, doc, scale, query_ids, doc_ids, offset, normalize, reference.BLOCK_ELEMENTS
-    )
+    # Autocast stays outside: the statistics are computed in fp32 from the inputs as they are.
+    with torch.autocast(query.device.type, enabled=False):
+        if backend == "triton":
+            return _triton_stats_forward(query, doc, scale, query_ids, doc_ids, offset, normalize)
+        return reference.blockwise_stats_forward(
+            query, doc, scale, query_ids, doc_ids, offset, normalize, reference.BLOCK_ELEMENTS
+        )
 
 
 @_gcl_stats_op.register_fake
@@ -694,11 +696,12 @@ def _gcl_stats_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (query, doc, scale, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col,
             grad_pos, offset, normalize)  # fmt: skip
-    if backend == "triton":
-        return _triton_stats_backward(*args)
-    grad_query, grad_doc, grad_scale = reference.blockwise_stats_backward(
-        *args, reference.BLOCK_ELEMENTS
-    )
+    with torch.autocast(query.device.type, enabled=False):
+        if backend == "triton":
+            return _triton_stats_backward(*args)
+        grad_query, grad_doc, grad_scale = reference.blockwise_stats_backward(
+            *args, reference.BLOCK_ELEMENTS
+        )
     return grad_query, grad_doc, grad_scale.to(scale.dtype)
 
 
@@ -713,7 +716,8 @@ def _logits_stats_op(
     query_ids: Optional[torch.Tensor],  # noqa: UP045
     doc_ids: Optional[torch.Tensor],  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_logits_forward(logits, query_ids, doc_ids)
+    with torch.autocast(logits.device.type, enabled=False):
+        return _triton_logits_forward(logits, query_ids, doc_ids)
 
 
 @_logits_stats_op.register_fake
@@ -733,9 +737,10 @@ def _logits_stats_backward_op(
     grad_neg_col: torch.Tensor,
     grad_pos: torch.Tensor,
 ) -> torch.Tensor:
-    return _triton_logits_backward(
-        logits, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col, grad_pos
-    )
+    with torch.autocast(logits.device.type, enabled=False):
+        return _triton_logits_backward(
+            logits, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col, grad_pos
+        )
 
 
 @_logits_stats_backward_op.register_fake

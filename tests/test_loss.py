@@ -318,3 +318,20 @@ def test_logits_form_bad_input() -> None:
         gcl_ops.gcl_loss_from_logits(torch.randn(0, 0))
     with pytest.raises(ValueError, match="logits has non-finite"):
         gcl_ops.gcl_loss_from_logits(torch.full((3, 3), float("nan")))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_autocast_leaves_the_statistics_in_fp32(impl: str) -> None:
+    # Under autocast the similarity matmuls must not drop to bf16 inside the loss: the result
+    # equals the loss of the same (fp32) inputs without autocast.
+    generator = torch.Generator().manual_seed(11)
+    query = torch.randn(40, 32, generator=generator).to(DEVICE).requires_grad_()
+    doc = torch.randn(40, 32, generator=generator).to(DEVICE)
+    plain = gcl_ops.gcl_loss(query, doc, logit_scale=50.0, impl=impl)
+    (plain_grad,) = torch.autograd.grad(plain, query)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        mixed = gcl_ops.gcl_loss(query, doc, logit_scale=50.0, impl=impl)
+        (mixed_grad,) = torch.autograd.grad(mixed, query)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed_grad, plain_grad, rtol=1e-5, atol=1e-7)
