@@ -1049,6 +1049,11 @@ class GCLLoss(nn.Module):
         normalize: L2-normalise the features first (default True).
         impl: backend, as in ``gcl_loss``.
         validate: run value checks (one device sync per call).
+        distributed: each rank passes its own pairs and the loss is that of the global batch
+            (``gcl_ops.distributed.distributed_gcl_loss``: documents gathered with gradient,
+            values scaled for DDP's gradient averaging), like open_clip's
+            ``gather_with_grad=True, local_loss=True``. Default False.
+        group: the process group for ``distributed`` (default: the world).
     """
 
     def __init__(
@@ -1058,16 +1063,14 @@ class GCLLoss(nn.Module):
         normalize: bool = True,
         impl: Impl = "auto",
         validate: bool = True,
+        distributed: bool = False,
+        group: object | None = None,
     ) -> None:
         super().__init__()
         _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
         _checks.check_choice(impl, _checks.IMPLS, "impl")
-        self.reduction, self.normalize, self.impl, self.validate = (
-            reduction,
-            normalize,
-            impl,
-            validate,
-        )
+        self.reduction, self.normalize, self.impl = reduction, normalize, impl
+        self.validate, self.distributed, self.group = validate, distributed, group
 
     def forward(
         self,
@@ -1080,12 +1083,22 @@ class GCLLoss(nn.Module):
         query_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        loss = gcl_loss(
-            image_features, text_features, weights, logit_scale,
+        options = dict(
             query_ids=query_ids, doc_ids=doc_ids, reduction=self.reduction,
             normalize=self.normalize, impl=self.impl, validate=self.validate,
         )  # fmt: skip
+        if self.distributed:
+            from gcl_ops.distributed import distributed_gcl_loss
+
+            loss = distributed_gcl_loss(
+                image_features, text_features, weights, logit_scale, group=self.group, **options
+            )
+        else:
+            loss = gcl_loss(image_features, text_features, weights, logit_scale, **options)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, normalize={self.normalize}, impl={self.impl!r}"
+        return (
+            f"reduction={self.reduction!r}, normalize={self.normalize}, impl={self.impl!r}, "
+            f"distributed={self.distributed}"
+        )

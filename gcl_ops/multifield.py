@@ -14,6 +14,7 @@ are (``renormalize=False``, the paper's literal form).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gcl_ops import _checks
-from gcl_ops.contrastive import Impl, _compute_dtype, gcl_loss
+from gcl_ops.contrastive import Impl, gcl_loss
 from gcl_ops.reference import Reduction
 
 
@@ -76,6 +77,8 @@ def multi_field_gcl_loss(
     reduction: Reduction = "mean",
     impl: Impl = "auto",
     validate: bool = True,
+    distributed: bool = False,
+    group: object | None = None,
 ) -> torch.Tensor:
     """Multi-field GCL loss (paper Eq. 5): the averaged fields plus every field pair.
 
@@ -87,6 +90,11 @@ def multi_field_gcl_loss(
             default uniform.
         renormalize: re-normalise the field averages (default True, as the official code);
             False gives the paper's literal ``Z_avg = t * L_avg R_avg^T``.
+        distributed, group: every term is the global-batch loss across ranks
+            (``gcl_ops.distributed.distributed_gcl_loss``); each rank passes its own pairs.
+
+    Fields are normalised and averaged in fp32 (fp64 for fp64 inputs) and handed to the fused
+    loss in their own dtype, so bf16 fields keep the bf16 kernels.
 
     Returns:
         A scalar (or ``(N,)`` for ``reduction="none"``): ``1 + m * n`` single-field losses summed.
@@ -106,28 +114,34 @@ def multi_field_gcl_loss(
             for index, field in enumerate(fields):
                 _checks.check_values(field, f"{name}[{index}]", nonzero_rows=True)
 
-    dtype = _compute_dtype(*lhs, *rhs)
-    lhs_hat = [F.normalize(field.to(dtype), dim=-1) for field in lhs]
-    rhs_hat = [F.normalize(field.to(dtype), dim=-1) for field in rhs]
-    lhs_avg, rhs_avg = (
-        weighted_field_average(lhs_hat, gamma_l),
-        weighted_field_average(rhs_hat, gamma_r),
-    )
+    field_dtype = functools.reduce(torch.promote_types, (f.dtype for f in (*lhs, *rhs)))
+    work_dtype = torch.promote_types(field_dtype, torch.float32)
+    lhs_hat = [F.normalize(field.to(work_dtype), dim=-1) for field in lhs]
+    rhs_hat = [F.normalize(field.to(work_dtype), dim=-1) for field in rhs]
+    lhs_avg = weighted_field_average(lhs_hat, gamma_l)
+    rhs_avg = weighted_field_average(rhs_hat, gamma_r)
     if renormalize and _checks.should_validate(validate):
         # Opposite fields can cancel: an average of zero norm has no direction.
         _checks.check_values(lhs_avg, "the lhs field average", nonzero_rows=True)
         _checks.check_values(rhs_avg, "the rhs field average", nonzero_rows=True)
 
+    term = gcl_loss
+    if distributed:
+        from gcl_ops.distributed import distributed_gcl_loss
+
+        term = functools.partial(distributed_gcl_loss, group=group)
     common = dict(query_ids=query_ids, doc_ids=doc_ids, reduction=reduction, impl=impl)
-    # The first call validates the shared arguments (weights, ids, scale) once for all terms.
-    loss = gcl_loss(
-        lhs_avg, rhs_avg, weights, logit_scale, normalize=renormalize, validate=validate, **common
-    )
+
+    def loss_of(left: torch.Tensor, right: torch.Tensor, **options) -> torch.Tensor:
+        return term(
+            left.to(field_dtype), right.to(field_dtype), weights, logit_scale, **options, **common
+        )
+
+    # The first term validates the shared arguments (weights, ids, scale) once for all terms.
+    loss = loss_of(lhs_avg, rhs_avg, normalize=renormalize, validate=validate)
     for left in lhs_hat:
         for right in rhs_hat:
-            loss = loss + gcl_loss(
-                left, right, weights, logit_scale, normalize=False, validate=False, **common
-            )
+            loss = loss + loss_of(left, right, normalize=False, validate=False)
     return loss
 
 
@@ -142,6 +156,7 @@ class MultiFieldGCLLoss(nn.Module):
         lhs_gamma, rhs_gamma: field weights, default uniform.
         renormalize: re-normalise the field averages (default True).
         reduction, impl, validate: as in ``gcl_loss``.
+        distributed, group: the global-batch loss across ranks, as in ``GCLLoss``.
     """
 
     def __init__(
@@ -153,18 +168,16 @@ class MultiFieldGCLLoss(nn.Module):
         reduction: Reduction = "mean",
         impl: Impl = "auto",
         validate: bool = True,
+        distributed: bool = False,
+        group: object | None = None,
     ) -> None:
         super().__init__()
         _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
         _checks.check_choice(impl, _checks.IMPLS, "impl")
         self.lhs_gamma = None if lhs_gamma is None else list(lhs_gamma)
         self.rhs_gamma = None if rhs_gamma is None else list(rhs_gamma)
-        self.renormalize, self.reduction, self.impl, self.validate = (
-            renormalize,
-            reduction,
-            impl,
-            validate,
-        )
+        self.renormalize, self.reduction, self.impl = renormalize, reduction, impl
+        self.validate, self.distributed, self.group = validate, distributed, group
 
     def forward(
         self,
@@ -190,5 +203,7 @@ class MultiFieldGCLLoss(nn.Module):
             reduction=self.reduction,
             impl=self.impl,
             validate=self.validate,
+            distributed=self.distributed,
+            group=self.group,
         )
         return {"contrastive_loss": loss} if output_dict else loss

@@ -1,0 +1,129 @@
+"""The distributed loss equals the single-process loss of the global batch (2 and 3 ranks, gloo)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_workers import TwoTowers, ddp_cached_step_worker, global_batch, loss_worker, run
+
+import gcl_ops
+from gcl_ops.distributed import distributed_gcl_loss, gather_with_grad
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available(), reason="torch.distributed is not available"
+)
+
+
+def single_process(world: int, n_local: int, fields: int, reduction: str, impl: str):
+    tensors, weights, query_ids, doc_ids, upstream = global_batch(world, n_local, fields=fields)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    options = dict(query_ids=query_ids, doc_ids=doc_ids, reduction=reduction, impl=impl)
+    if fields == 2:
+        loss = gcl_ops.gcl_loss(leaves[0], leaves[1], weights, scale, **options)
+    else:
+        loss = gcl_ops.multi_field_gcl_loss(leaves[:1], leaves[1:], weights, scale, **options)
+    loss.backward(upstream if reduction == "none" else None)
+    return loss.detach(), [x.grad for x in leaves], scale.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_and_gradients_equal_the_single_process_ones(
+    tmp_path, world: int, reduction: str
+) -> None:
+    n_local = 5
+    case = dict(n_local=n_local, reduction=reduction, fields=2, impl="torch")
+    ranks = run(loss_worker, world, tmp_path, case)
+    want_loss, want_grads, want_scale = single_process(world, n_local, 2, reduction, "torch")
+    if reduction == "none":
+        # Per-pair losses and gradients are the single-process slices, unscaled.
+        torch.testing.assert_close(torch.cat([r["loss"] for r in ranks]), want_loss)
+        scale = 1.0
+    else:
+        # The mean over ranks is the loss; each rank's gradients are W times its slice (DDP's
+        # average over ranks brings them back).
+        torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), want_loss)
+        scale = world
+    for field in range(2):
+        got = torch.cat([r["grads"][field] for r in ranks]) / scale
+        torch.testing.assert_close(got, want_grads[field], rtol=1e-9, atol=1e-12)
+    got_scale = sum(r["scale_grad"] for r in ranks) / scale
+    torch.testing.assert_close(got_scale, want_scale, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_multi_field_distributed(tmp_path) -> None:
+    world, n_local = 2, 6
+    case = dict(n_local=n_local, reduction="mean", fields=3, impl="torch")
+    ranks = run(loss_worker, world, tmp_path, case)
+    want_loss, want_grads, want_scale = single_process(world, n_local, 3, "mean", "torch")
+    torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), want_loss)
+    for field in range(3):
+        torch.testing.assert_close(
+            torch.cat([r["grads"][field] for r in ranks]) / world, want_grads[field]
+        )
+    torch.testing.assert_close(sum(r["scale_grad"] for r in ranks) / world, want_scale)
+
+
+@pytest.mark.slow
+def test_triton_kernels_distributed(tmp_path) -> None:
+    # The rectangular kernel with an offset (under the interpreter without a GPU), 2 ranks.
+    world, n_local = 2, 9
+    ranks = run(
+        loss_worker,
+        world,
+        tmp_path,
+        dict(n_local=n_local, reduction="mean", fields=2, impl="triton"),
+    )
+    want_loss, want_grads, _ = single_process(world, n_local, 2, "mean", "torch")
+    torch.testing.assert_close(
+        torch.stack([r["loss"] for r in ranks]).mean().double(), want_loss, rtol=1e-5, atol=1e-6
+    )
+    for field in range(2):
+        got = torch.cat([r["grads"][field] for r in ranks]).double() / world
+        torch.testing.assert_close(got, want_grads[field], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_size", [2, 3])
+def test_ddp_with_gradient_caching(tmp_path, chunk_size: int) -> None:
+    # DDP over 2 ranks, each caching its 5 pairs in chunks, with the distributed loss: every
+    # parameter's gradient (DDP-averaged) equals full-batch backpropagation on one process.
+    world, n_local = 2, 5
+    ranks = run(
+        ddp_cached_step_worker, world, tmp_path, dict(n_local=n_local, chunk_size=chunk_size)
+    )
+    fields, weights, query_ids, _, _ = global_batch(world, n_local)
+    torch.manual_seed(0)
+    model = TwoTowers()
+    query, doc = model("query", fields[0].float()), model("doc", fields[1].float())
+    loss = gcl_ops.gcl_loss(
+        query, doc, weights.float(), model.logit_scale.exp(), query_ids=query_ids
+    )
+    loss.backward()
+    torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), loss.detach())
+    # Gradients were all-reduced once for the step (the tiny model is one DDP bucket), not once
+    # per re-encoded chunk as without no_sync.
+    chunks = 2 * -(-n_local // chunk_size)
+    for rank in ranks:
+        assert rank["allreduce_calls"] == 1
+        assert rank["calls_without_no_sync"] == chunks
+    for name, parameter in model.named_parameters():
+        for rank in ranks:
+            slack = 1e-5 * float(parameter.grad.abs().max())  # fp32, summed in another order
+            torch.testing.assert_close(
+                rank["grads"][name], parameter.grad, rtol=1e-5, atol=slack, msg=name
+            )
+
+
+def test_without_a_process_group_it_is_the_plain_loss() -> None:
+    tensors, weights, query_ids, doc_ids, _ = global_batch(1, 8)
+    args = (tensors[0], tensors[1], weights, 5.0)
+    torch.testing.assert_close(
+        distributed_gcl_loss(*args, query_ids=query_ids, doc_ids=doc_ids),
+        gcl_ops.gcl_loss(*args, query_ids=query_ids, doc_ids=doc_ids),
+    )
+    assert gather_with_grad(tensors[0]) is tensors[0]
