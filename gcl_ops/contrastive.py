@@ -141,6 +141,32 @@ def _tile_masks(
 
 
 @triton.jit
+def _similarity_tile(
+    rows_ptr, cols_ptr, inv_cols_ptr, row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,
+    rows, cols, inv_rows, stride_rn, stride_rk, stride_cn, stride_ck,
+    n_rows, n_cols, k, diag_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One tile as every kernel sees it: cosines ``S``, the negative and positive masks, and the
+    columns' inverse norms (ones without normalisation)."""
+    inv_cols = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+    if NORMALIZE:
+        inv_cols = tl.load(inv_cols_ptr + cols, mask=cols < n_cols, other=1.0)
+    cosines = _cosine_tile(
+        rows_ptr, cols_ptr, rows, cols, inv_rows, inv_cols,
+        stride_rn, stride_rk, stride_cn, stride_ck, n_rows, n_cols, k,
+        BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
+    )  # fmt: skip
+    negative, positive = _tile_masks(
+        rows, cols, n_rows, n_cols, diag_offset,
+        row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr, HAS_QID, HAS_DID,
+    )  # fmt: skip
+    return cosines, negative, positive, inv_cols
+
+
+@triton.jit
 def _stats_fwd_kernel(
     rows_ptr, cols_ptr, inv_rows_ptr, inv_cols_ptr,  # data
     row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
@@ -170,15 +196,11 @@ def _stats_fwd_kernel(
     for tile in range(pid_s, tl.cdiv(n_cols, BLOCK_N), num_splits):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < n_cols
-        inv_cols = tl.load(inv_cols_ptr + cols, mask=cols_ok, other=1.0) if NORMALIZE else None
-        cosines = _cosine_tile(
-            rows_ptr, cols_ptr, rows, cols, inv_rows, inv_cols,
-            stride_rn, stride_rk, stride_cn, stride_ck, n_rows, n_cols, k,
-            BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
-        )  # fmt: skip
-        negative, positive = _tile_masks(
-            rows, cols, n_rows, n_cols, diag_offset,
-            row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr, HAS_QID, HAS_DID,
+        cosines, negative, positive, inv_cols = _similarity_tile(
+            rows_ptr, cols_ptr, inv_cols_ptr, row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,
+            rows, cols, inv_rows, stride_rn, stride_rk, stride_cn, stride_ck,
+            n_rows, n_cols, k, diag_offset,
+            BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, HAS_QID, HAS_DID, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
         # One exp per entry feeds both sums: exp(Z - shift) = exp2((S t - shift) log2(e)).
         shifted = tl.where(negative, tl.exp2(cosines * scale_log2 - shift_log2), 0.0)
@@ -219,17 +241,11 @@ def _online_lse_kernel(
         running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for tile in range(0, tl.cdiv(n_cols, BLOCK_N)):
             cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            inv_cols = (
-                tl.load(inv_cols_ptr + cols, mask=cols < n_cols, other=1.0) if NORMALIZE else None
-            )
-            cosines = _cosine_tile(
-                rows_ptr, cols_ptr, rows, cols, inv_rows, inv_cols,
-                stride_rn, stride_rk, stride_cn, stride_ck, n_rows, n_cols, k,
-                BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
-            )  # fmt: skip
-            negative, _ = _tile_masks(
-                rows, cols, n_rows, n_cols, diag_offset,
-                row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr, HAS_QID, HAS_DID,
+            cosines, negative, _, _ = _similarity_tile(
+                rows_ptr, cols_ptr, inv_cols_ptr, row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,
+                rows, cols, inv_rows, stride_rn, stride_rk, stride_cn, stride_ck,
+                n_rows, n_cols, k, diag_offset,
+                BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, HAS_QID, HAS_DID, INPUT_PRECISION, UPCAST,
             )  # fmt: skip
             logits_log2 = tl.where(negative, cosines * scale_log2, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits_log2, axis=1))
@@ -274,15 +290,11 @@ def _stats_bwd_kernel(
     for tile in range(0, tl.cdiv(n_cols, BLOCK_N)):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < n_cols
-        inv_cols = tl.load(inv_cols_ptr + cols, mask=cols_ok, other=1.0) if NORMALIZE else None
-        cosines = _cosine_tile(
-            rows_ptr, cols_ptr, rows, cols, inv_rows, inv_cols,
-            stride_rn, stride_rk, stride_cn, stride_ck, n_rows, n_cols, k,
-            BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
-        )  # fmt: skip
-        negative, positive = _tile_masks(
-            rows, cols, n_rows, n_cols, diag_offset,
-            row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr, HAS_QID, HAS_DID,
+        cosines, negative, positive, inv_cols = _similarity_tile(
+            rows_ptr, cols_ptr, inv_cols_ptr, row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,
+            rows, cols, inv_rows, stride_rn, stride_rk, stride_cn, stride_ck,
+            n_rows, n_cols, k, diag_offset,
+            BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, HAS_QID, HAS_DID, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
         neg_col = tl.load(neg_col_ptr + cols, mask=cols_ok, other=0.0)
         neg_col_log2 = tl.where(neg_col == float("-inf"), 0.0, neg_col) * LOG2E
