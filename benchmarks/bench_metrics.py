@@ -169,15 +169,12 @@ def summarize(rows: list[dict]) -> None:
     ours_evaluate = times[("gcl_ops", "cpu", "evaluate ndcg@10+rbp")]
     ours_kernels = times[("gcl_ops", "cpu", "metric kernels ndcg@10+rbp")]
     if ranx_warm and ranx_kernels:
+        # ranx's kernels match documents to qrels themselves: like for like with our evaluate.
+        print(f"ranx warm evaluate    / gcl_ops evaluate:       {ranx_warm / ours_evaluate:6.1f}x")
         print(
-            f"ranx warm evaluate / gcl_ops evaluate (lookup + metrics): {ranx_warm / ours_evaluate:6.1f}x"
+            f"ranx compiled kernels / gcl_ops evaluate:       {ranx_kernels / ours_evaluate:6.1f}x"
         )
-        print(
-            f"ranx warm evaluate / gcl_ops metric kernels:              {ranx_warm / ours_kernels:6.1f}x"
-        )
-        print(
-            f"ranx compiled kernels / gcl_ops metric kernels:           {ranx_kernels / ours_kernels:6.1f}x"
-        )
+        print(f"ranx warm evaluate    / gcl_ops metrics alone:  {ranx_warm / ours_kernels:6.1f}x")
 
 
 def main() -> None:

@@ -659,6 +659,11 @@ def _triton_logits_backward(
 # ==============================================================================================
 
 
+def _block_elements(x: torch.Tensor) -> int:
+    """Block size of the PyTorch path for ``x``'s device (read at call time: tests shrink it)."""
+    return reference.CUDA_BLOCK_ELEMENTS if x.is_cuda else reference.BLOCK_ELEMENTS
+
+
 @torch.library.custom_op("gcl_ops::gcl_stats", mutates_args=())
 def _gcl_stats_op(
     query: torch.Tensor,
@@ -675,7 +680,7 @@ def _gcl_stats_op(
         if backend == "triton":
             return _triton_stats_forward(query, doc, scale, query_ids, doc_ids, offset, normalize)
         return reference.blockwise_stats_forward(
-            query, doc, scale, query_ids, doc_ids, offset, normalize, reference.BLOCK_ELEMENTS
+            query, doc, scale, query_ids, doc_ids, offset, normalize, _block_elements(query)
         )
 
 
@@ -712,7 +717,7 @@ def _gcl_stats_backward_op(
         if backend == "triton":
             return _triton_stats_backward(*args)
         grad_query, grad_doc, grad_scale = reference.blockwise_stats_backward(
-            *args, reference.BLOCK_ELEMENTS
+            *args, _block_elements(query)
         )
     return grad_query, grad_doc, grad_scale.to(scale.dtype)
 

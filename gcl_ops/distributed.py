@@ -34,11 +34,6 @@ from gcl_ops.contrastive import Impl, _check_loss_inputs, gcl_stats, per_pair_lo
 from gcl_ops.reference import Reduction, reduce_loss
 
 
-def is_distributed() -> bool:
-    """True when a default process group is initialised (and has more than one rank)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def world_size(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 

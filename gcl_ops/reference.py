@@ -42,6 +42,9 @@ Reduction = Literal["mean", "sum", "none"]
 #: Elements of one block of the similarity matrix the blocked CPU path holds at a time (1 MiB in
 #: fp32); a block is ``block_rows x M`` with ``block_rows = max(1, BLOCK_ELEMENTS // M)``.
 BLOCK_ELEMENTS = 1 << 18
+#: The same on a GPU (256 MiB in fp32), where the PyTorch path runs for fp64 or very wide ``k``:
+#: fewer, larger blocks keep the Python loop short.
+CUDA_BLOCK_ELEMENTS = 1 << 26
 
 
 def excluded_pairs(
