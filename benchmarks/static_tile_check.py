@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import inspect
 import itertools
 import os
@@ -119,6 +120,8 @@ def main() -> None:
     for kernel, element, constants, num_warps in configurations:
         sizes = {key: constants.get(key) for key in ("K_PAD", "BLOCK_M", "BLOCK_N", "BLOCK_K")}
         row = {"kernel": kernel.fn.__name__, "dtype": element, "num_warps": num_warps, **sizes}
+        stamp = {"target": "sm_90a (compiled, not run)", "triton": triton.__version__,
+                 "date": datetime.date.today().isoformat()}  # fmt: skip
         try:
             row.update(ptxas_report(kernel, element, constants, num_warps), error="")
             too_big = row["shared_bytes"] > SHARED_MEMORY_LIMIT
@@ -126,7 +129,7 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 - reported per configuration
             row.update(registers=None, spill_bytes=None, shared_bytes=None, error=repr(error)[:200])
         failed |= bool(row["error"]) and not args.sweep
-        rows.append(row)
+        rows.append({**row, **stamp})
         print(", ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     if args.out:
         with open(args.out, "w", newline="") as f:

@@ -435,12 +435,12 @@ def _k_pad(k: int) -> int:
 def _tile_sizes(k_pad: int, element_size: int, backward: bool) -> dict[str, int]:
     """Tile sizes and warps for a problem of (padded) width ``k_pad``.
 
-    The similarity tile is a ``BLOCK_M x BLOCK_N`` GEMM over ``k`` in ``BLOCK_K`` slices. The
-    backward also keeps a ``BLOCK_M x k_pad`` fp32 gradient accumulator in registers: at most
-    32K values, 128 per thread of 8 warps, and loads ``BLOCK_N x k_pad`` column tiles for the
-    ``dS @ C`` product. These sizes compile without register spills for Hopper (sm_90a, checked
-    with ``benchmarks/static_tile_check.py``); they are not yet tuned on a GPU. The interpreter
-    gets small tiles: few programs, and ragged tiles and several k slices still exercised.
+    The similarity tile is a ``BLOCK_M x BLOCK_N`` GEMM over ``k`` in ``BLOCK_K`` slices; the
+    backward also keeps a ``BLOCK_M x k_pad`` fp32 gradient accumulator in registers and loads
+    ``BLOCK_N x k_pad`` column tiles for ``dS @ C``. The sizes are the largest that ptxas
+    compiles for Hopper (sm_90a) without register spills, or with the fewest (k = 1024), from
+    ``benchmarks/static_tile_check.py --sweep``; they are not yet tuned by timing on a GPU. The
+    interpreter gets small tiles: few programs, while ragged tiles and k slices are exercised.
     """
     if _INTERPRETING:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
@@ -448,9 +448,9 @@ def _tile_sizes(k_pad: int, element_size: int, backward: bool) -> dict[str, int]
     if not backward:
         if element_size <= 2:
             return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8)
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=4)
-    block_m = max(16, min(64, 32768 // k_pad))
-    block_n = 64 if 64 * k_pad * element_size <= 64 * 1024 else 32
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=8)
+    block_m = 16 if k_pad >= 1024 else 32
+    block_n = 64 if k_pad <= 256 else 32
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
 
 
