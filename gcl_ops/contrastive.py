@@ -493,9 +493,23 @@ def _ids_arguments(
 
 
 def _inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    if not normalize:
-        return torch.ones(1, device=x.device, dtype=torch.float32)  # never read
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).reciprocal()
+    """fp32 ``1 / |x_i|``; without normalisation a placeholder the kernels never read."""
+    inverse = reference.inverse_norms(x, normalize, dtype=torch.float32)
+    return torch.ones(1, device=x.device) if inverse is None else inverse
+
+
+def _oriented(
+    query: torch.Tensor, doc: torch.Tensor, inv_query: torch.Tensor, inv_doc: torch.Tensor,
+    query_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, offset: int,
+    placeholder: torch.Tensor, swap: bool,
+) -> tuple:  # fmt: skip
+    """The problem as a row-owning kernel sees it: rows are the queries, or with ``swap`` the
+    documents (whose positive is query ``j - offset``). Returns ``(rows, cols, inv_rows,
+    inv_cols, id pointers, id flags, diag_offset)``."""
+    pointers, flags = _ids_arguments(query_ids, doc_ids, offset, query.shape[0], placeholder, swap)
+    if swap:
+        return doc, query, inv_doc, inv_query, pointers, flags, -offset
+    return query, doc, inv_query, inv_doc, pointers, flags, offset
 
 
 def _triton_stats_forward(
@@ -523,6 +537,7 @@ def _triton_stats_forward(
     splits = _num_splits(n, m, block_m, block_n, query.device)
     id_pointers, id_flags = _ids_arguments(query_ids, doc_ids, offset, n, row_sum, swap=False)
     constants = dict(NORMALIZE=normalize, **tiles, **id_flags, **_kernel_flags(query))
+    problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, row_sum)
     _stats_fwd_kernel[(triton.cdiv(n, block_m), splits)](
         query, doc, inv_query, inv_doc, *id_pointers, scale, shift, row_sum, col_sum, pos,
         query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
@@ -534,13 +549,11 @@ def _triton_stats_forward(
     # Rows and columns whose sum underflowed (or that have no negative): exact recomputation.
     for swap, sums, lse in ((False, row_sum, neg_row), (True, col_sum, neg_col)):
         redo = ((sums < TINY_SUM) | ~torch.isfinite(sums)).to(torch.int8)
-        rows, cols = (doc, query) if swap else (query, doc)
-        inv_rows, inv_cols = (inv_doc, inv_query) if swap else (inv_query, inv_doc)
-        pointers, _ = _ids_arguments(query_ids, doc_ids, offset, n, row_sum, swap=swap)
+        rows, cols, inv_rows, inv_cols, pointers, _, diag_offset = _oriented(*problem, swap)
         _online_lse_kernel[(triton.cdiv(rows.shape[0], block_m),)](
             rows, cols, inv_rows, inv_cols, *pointers, scale, redo, lse,
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-            rows.shape[0], cols.shape[0], k, -offset if swap else offset, **constants,
+            rows.shape[0], cols.shape[0], k, diag_offset, **constants,
         )  # fmt: skip
     return neg_row, neg_col, pos
 
@@ -576,33 +589,20 @@ def _triton_stats_backward(
     block_m = tiles["BLOCK_M"]
     scale_partials = torch.zeros(triton.cdiv(n, block_m), **f32)
     common = dict(K_PAD=k_pad, NORMALIZE=normalize, **tiles, **_kernel_flags(query))
-    jobs = (  # (rows, cols, inv, stats, upstream gradients, output, swap)
-        (query, doc, inv_query, inv_doc, neg_row, neg_col, grad_neg_row, grad_neg_col, grad_pos,
-         grad_query, False),
-        (doc, query, inv_doc, inv_query, neg_col, neg_row, grad_neg_col, grad_neg_row,
-         grad_pos_of_docs, grad_doc, True),
-    )  # fmt: skip
-    for (
-        rows,
-        cols,
-        inv_rows,
-        inv_cols,
-        stat_rows,
-        stat_cols,
-        g_rows,
-        g_cols,
-        g_pos,
-        out,
-        swap,
-    ) in jobs:
-        pointers, id_flags = _ids_arguments(query_ids, doc_ids, offset, n, scale32, swap=swap)
+    problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, scale32)
+    jobs = (  # (swap, row statistics, column statistics, their upstream gradients, output)
+        (False, neg_row, neg_col, grad_neg_row, grad_neg_col, grad_pos, grad_query),
+        (True, neg_col, neg_row, grad_neg_col, grad_neg_row, grad_pos_of_docs, grad_doc),
+    )
+    for swap, stat_rows, stat_cols, g_rows, g_cols, g_pos, out in jobs:
+        rows, cols, inv_rows, inv_cols, pointers, id_flags, diag_offset = _oriented(*problem, swap)
         _stats_bwd_kernel[(triton.cdiv(rows.shape[0], block_m),)](
             rows, cols, inv_rows, inv_cols, *pointers, scale32,
             stat_rows.contiguous(), stat_cols.contiguous(), g_rows, g_cols, g_pos,
             out, scale_partials,
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
             out.stride(0), out.stride(1),
-            rows.shape[0], cols.shape[0], k, -offset if swap else offset,
+            rows.shape[0], cols.shape[0], k, diag_offset,
             SCALE_GRAD=not swap, **id_flags, **common,
         )  # fmt: skip
     return grad_query, grad_doc, scale_partials.sum().to(scale.dtype)

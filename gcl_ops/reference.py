@@ -11,9 +11,8 @@ Two things live here:
 * the **naive oracle** (``naive_*``): materialises ``Z`` and follows the definition literally,
   ``L = -(1/2N) sum_i w_i (log softmax_row(Z)[i, i] + log softmax_col(Z)[i, i])``;
 * the **memory-efficient CPU path** (``blockwise_stats_forward`` / ``_backward``): the
-  *statistics* of ``Z`` that the
-  loss needs, computed one block of rows at a time and recomputed in backward, never holding more
-  than ``block_rows x M`` entries of ``Z``.
+  *statistics* of ``Z`` that the loss needs, computed one block of rows at a time and recomputed
+  in backward, never holding more than ``block_rows x M`` entries of ``Z``.
 
 The statistics are the positive logits ``pos_i = Z_{i, offset+i}`` and the log-sum-exp over each
 row's and each column's *negatives* (every entry but the positive and the excluded duplicates),
@@ -197,9 +196,11 @@ def _block_rows(num_cols: int, block_elements: int) -> int:
     return max(1, block_elements // max(num_cols, 1))
 
 
-def inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor | None:
-    """``1 / |x_i|`` per row ``(N,)``, or None when not normalising."""
-    return torch.linalg.vector_norm(x, dim=-1).reciprocal() if normalize else None
+def inverse_norms(
+    x: torch.Tensor, normalize: bool, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """``1 / |x_i|`` per row ``(N,)`` (computed in ``dtype``), or None when not normalising."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=dtype).reciprocal() if normalize else None
 
 
 def _block_cosines(
