@@ -175,6 +175,11 @@ def cached_step(
         sync = contextlib.nullcontext() if (no_sync is None or last) else no_sync()
         with sync, states[field][index].replay():
             embedding = encoders[field](chunk)
+            if not embedding.requires_grad:
+                raise ValueError(
+                    f"encoder {field} gives embeddings without gradient (a frozen encoder?): "
+                    "embed constant fields outside cached_step and use them inside loss_fn"
+                )
             # d/dtheta of sum(e * g) = (de/dtheta)^T g, this chunk's share of dL/dtheta.
             torch.sum(embedding * grad.to(embedding.dtype)).backward()
     return loss.detach()

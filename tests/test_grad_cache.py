@@ -186,6 +186,9 @@ def test_bad_arguments() -> None:
         cached_step(modules[:2], [inputs[0], inputs[1][:5]], loss, 4)
     with pytest.raises(ValueError, match="did not use"):
         cached_step(modules[:2], inputs[:2], lambda e: e[0].sum(), 4)
+    frozen = TextTower().requires_grad_(False)
+    with pytest.raises(ValueError, match="encoder 1 gives embeddings without gradient"):
+        cached_step([modules[0], frozen], inputs[:2], lambda e: e[0].sum() + e[1].sum(), 4)
 
 
 # Peak resident memory of one training step (cached or plain) in a fresh process, minus the
