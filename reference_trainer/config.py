@@ -79,7 +79,7 @@ class TrainConfig:
     min_lr: float = _field(0.0, "learning rate at the end of the cosine decay")
     warmup_steps: int = _field(20, "linear warmup steps")
     weight_decay: float = _field(
-        0.1, "AdamW weight decay (not on gains, biases, embeddings of scale)"
+        0.1, "AdamW weight decay (not on gains, biases and the logit scale)"
     )
     betas: list[float] = _field([0.9, 0.98], "AdamW betas")
     eps: float = _field(1e-6, "AdamW epsilon")
@@ -124,6 +124,23 @@ class TrainConfig:
             raise ValueError(f"impl must be auto, triton or torch, got {self.impl!r}")
         if not self.max_logit_scale > 0:
             raise ValueError(f"max_logit_scale must be positive, got {self.max_logit_scale}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(
+                f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("warmup_steps", "checkpoint_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_docs_per_query is not None and self.max_docs_per_query < 1:
+            raise ValueError(
+                f"max_docs_per_query must be >= 1 or None, got {self.max_docs_per_query}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(
+                f"device must be auto, cpu or cuda (torchrun picks the GPU), got {self.device!r}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,15 +184,48 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {path} is not valid JSON: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values")
-    unknown = sorted(set(values) - set(_hints()))
+    hints = _hints()
+    unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"config file {path}: unknown keys {unknown}")
-    return values
+    return {key: _coerce(value, hints[key], f"{path}: {key}") for key, value in values.items()}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """A value read from a file, checked against the field's type; strings are parsed as on
+    the command line (YAML reads ``1e-3`` as a string)."""
+    if isinstance(value, str) and annotation is not str:
+        return _convert(value, annotation, key)
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ValueError(f"{key} takes a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[annotation]
+    if not ok:
+        raise ValueError(f"{key} takes a {annotation.__name__}, got {value!r}")
+    return float(value) if annotation is float else value
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -844,9 +844,12 @@ class TrainStream(torch.utils.data.IterableDataset):
 def train_loader(stream: TrainStream) -> torch.utils.data.DataLoader:
     """The DataLoader of ``stream``: its items as they are, from ``stream.num_workers`` workers."""
     workers = stream.num_workers
+    # Its own generator: creating the iterator then draws no number from torch's global random
+    # state (which a resumed run must find exactly as the uninterrupted one left it).
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
-    )
+        stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
+        generator=torch.Generator().manual_seed(0), pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
 
 
 class _CorpusStream(torch.utils.data.IterableDataset):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,11 @@ class ModelBundle:
     preprocess_train: Callable
     preprocess_val: Callable
     tokenizer: Callable
+
+
+class _QuietRandomInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def _check_name(name: str) -> None:
@@ -114,6 +120,11 @@ def create_model(
     if freeze not in (None, *FREEZE_CHOICES):
         raise ValueError(f"freeze must be None, 'text' or 'image', got {freeze!r}")
     weights = None if pretrained is None else _local_weights(pretrained)
+    # Random initialisation is asked for when there are no weights: keep open_clip's warning
+    # about it ("No pretrained weights loaded") out of the log.
+    quiet = _QuietRandomInit() if weights is None else None
+    if quiet is not None:
+        logging.getLogger().addFilter(quiet)
     try:  # an absolute path: open_clip cannot take it for a tag, so it loads the file
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=weights, device=device, pretrained_text=False, pretrained_image=False
@@ -124,6 +135,9 @@ def create_model(
         raise ValueError(
             f"could not load {weights} into {name}: {type(error).__name__}: {error}"
         ) from error
+    finally:
+        if quiet is not None:
+            logging.getLogger().removeFilter(quiet)
     if freeze == "text":
         model.lock_text_tower()
     elif freeze == "image":

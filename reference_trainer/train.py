@@ -102,7 +102,16 @@ def random_states() -> dict[str, Any]:
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return states
+
+
+def gather_random_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's random states, indexed by rank (each rank resumes from its own)."""
+    if world == 1:
+        return [random_states()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, random_states())
     return states
 
 
@@ -111,19 +120,27 @@ def set_random_states(states: dict[str, Any]) -> None:
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def save_checkpoint(
     directory: Path, bundle: ModelBundle, training: dict[str, Any], config: TrainConfig
 ) -> Path:
-    """``directory/model.pt`` (plain open_clip state dict), ``state.pt``, ``meta.json``."""
+    """``directory/model.pt`` (plain open_clip state dict), ``meta.json``, then ``state.pt``
+    (written last and atomically: its presence marks a complete checkpoint)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_model(directory / "model.pt", unwrap(bundle.model))
-    torch.save(training, directory / "state.pt")
     meta = {"model": bundle.name, "step": training["step"], "config": config.to_dict()}
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+    partial = directory / "state.pt.partial"
+    torch.save(training, partial)
+    os.replace(partial, directory / "state.pt")
     return directory
+
+
+#: Settings that fix the data order and the model: a resumed run must keep them.
+RESUME_KEYS = ("seed", "batch_size", "num_workers", "window_batches", "max_docs_per_query",
+               "split", "model", "freeze")  # fmt: skip
 
 
 def find_checkpoint(config: TrainConfig) -> Path | None:
@@ -135,8 +152,8 @@ def find_checkpoint(config: TrainConfig) -> Path | None:
         if not (path / "state.pt").is_file():
             raise ValueError(f"resume={path}: not a checkpoint directory (no state.pt)")
         return path
-    found = sorted((Path(config.out) / "checkpoints").glob("step_*/state.pt"))
-    return found[-1].parent if found else None
+    found = [path.parent for path in (Path(config.out) / "checkpoints").glob("step_*/state.pt")]
+    return max(found, key=lambda path: int(path.name.removeprefix("step_"))) if found else None
 
 
 # ------------------------------------------------------------------------------------ data
@@ -158,8 +175,6 @@ def epoch_batches(
         for batch in train_loader(stream):
             position += 1
             yield epoch, position, batch
-        if position == 0:
-            raise DataError(f"split {config.split!r} yields no batch of {config.batch_size} pairs")
         epoch, start_batch = epoch + 1, 0
 
 
@@ -194,7 +209,7 @@ class MultiFieldStep:
         self.model, self.core, self.config, self.world = model, core, config, world
         self.criterion = gcl_ops.MultiFieldGCLLoss(
             rhs_gamma=config.doc_gamma, renormalize=config.renormalize, impl=config.impl,
-            distributed=world > 1,
+            distributed=world > 1, validate=False,  # no host syncs per step
         )  # fmt: skip
         self.encoders = [self.encode_text, self.encode_text, self.encode_image]
         self.frozen = {None: (), "text": (0, 1), "image": (2,)}[config.freeze]
@@ -261,6 +276,10 @@ def train(
     is_main = rank == 0
     out = Path(config.out)
     if is_main:
+        if config.resume is None and any((out / "checkpoints").glob("step_*")):
+            raise ValueError(
+                f"{out} already holds checkpoints: pass --resume latest, or another --out"
+            )
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     torch.manual_seed(config.seed)
@@ -286,25 +305,24 @@ def train(
 
     # Resume: weights, optimiser, schedule, data position, random states.
     progress = {"step": 0, "epoch": 0, "position": 0, "skipped": 0}
+    last_dir = None
     checkpoint = find_checkpoint(config)
     if checkpoint is not None:
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
-        now = {
-            "world_size": world,
-            "num_workers": config.num_workers,
-            "batch_size": config.batch_size,
-        }
+        now = {"world_size": world, **{key: getattr(config, key) for key in RESUME_KEYS}}
         for key, value in now.items():
-            if state[key] != value:
+            if state["settings"][key] != value:
+                was = state["settings"][key]
                 raise ValueError(
-                    f"resume: the checkpoint was written with {key}={state[key]}, now {value}"
+                    f"resume: the checkpoint was written with {key}={was!r}, now {value!r}"
                 )
         core.load_state_dict(torch.load(checkpoint / "model.pt", map_location=device))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = {key: state[key] for key in progress}
-        set_random_states(state["random"])
+        last_dir = checkpoint
+        set_random_states(state["random"][rank])
         if is_main:
             print(f"resumed from {checkpoint} at step {progress['step']} (epoch {progress['epoch']}, "
                   f"batch {progress['position']})")  # fmt: skip
@@ -320,20 +338,25 @@ def train(
         model = forward_backward.model = torch.nn.parallel.DistributedDataParallel(
             core, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=forward_backward.caching,  # a cached step embeds one tower at a time
+            broadcast_buffers=False,  # open_clip's buffers (attention masks) never change
         )  # fmt: skip
 
     # The loop.
     log_path = out / "log.csv"
-    if is_main and (checkpoint is None or not log_path.exists()):
+    if is_main:  # a resumed run keeps the rows up to its checkpoint
+        kept = []
+        if checkpoint is not None and log_path.exists():
+            with log_path.open() as f:
+                kept = [row for row in list(csv.reader(f))[1:] if int(row[0]) <= step]
         with log_path.open("w", newline="") as f:
-            csv.writer(f).writerow(LOG_FIELDS)
+            csv.writer(f).writerows([LOG_FIELDS, *kept])
     if batches is None:
         batches = epoch_batches(dataset, bundle, config, rank, world, epoch, progress["position"])
     bar = tqdm(
         total=config.steps, initial=step, disable=not (is_main and config.progress), desc="train"
     )
     model.train()
-    last_dir = None
+    empty_in_a_row = 0
     while step < config.steps:
         started = time.perf_counter()
         new_epoch, position, batch = next(batches)
@@ -344,7 +367,13 @@ def train(
         skipped += int(batch["skipped"])
         size = batch["scores"].shape[0]
         if size == 0:  # every image of some rank's batch was bad: no step
+            empty_in_a_row += 1
+            if empty_in_a_row >= 100:
+                raise DataError(
+                    f"100 batches in a row had no readable image ({skipped} skipped): check the images"
+                )
             continue
+        empty_in_a_row = 0
         with (
             torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         ):
@@ -358,6 +387,7 @@ def train(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         with torch.no_grad():
             core.logit_scale.clamp_(0, math.log(config.max_logit_scale))
@@ -371,7 +401,7 @@ def train(
                 loss /= world
             scale = core.logit_scale.detach().exp().item()
             if is_main:
-                row = (step, epoch, f"{loss.item():.6f}", f"{scheduler.get_last_lr()[0]:.6g}", f"{scale:.4f}",
+                row = (step, epoch, f"{loss.item():.6f}", f"{lr:.6g}", f"{scale:.4f}",
                        f"{size * world / (time.perf_counter() - started):.1f}", skipped)  # fmt: skip
                 with log_path.open("a", newline="") as f:
                     csv.writer(f).writerow(row)
@@ -382,8 +412,8 @@ def train(
             training = {
                 "step": step, "epoch": epoch, "position": position, "skipped": skipped,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "random": random_states(), "world_size": world,
-                "num_workers": config.num_workers, "batch_size": config.batch_size,
+                "scaler": scaler.state_dict(), "random": gather_random_states(world),
+                "settings": {"world_size": world, **{key: getattr(config, key) for key in RESUME_KEYS}},
             }  # fmt: skip
             last_dir = out / "checkpoints" / f"step_{step:06d}"
             if is_main:
@@ -396,6 +426,8 @@ def train(
             f"done: {step} steps, {skipped} corrupt or missing images skipped; checkpoint {last_dir}"
         )
         plot_curves(log_path, out / "curves.png")
+    if world > 1:
+        dist.destroy_process_group()
     return last_dir
 
 

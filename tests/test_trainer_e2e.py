@@ -164,8 +164,17 @@ def test_cli_train_eval_and_errors(dataset_dir, tmp_path, capsys) -> None:
 
     assert cli(["train", "--data", str(dataset_dir), "--out", str(run), "learning_rate=1"]) == 2
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
-    assert cli(["train", "--data", str(tmp_path / "nowhere"), "--out", str(run)]) == 2
+    assert cli(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new")]) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
+    # A second fresh run into a run directory with checkpoints is refused (resume or move).
+    assert cli(["train", "--data", str(dataset_dir), "--out", str(run), "steps=2"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    # Resuming a finished run is a no-op that names its checkpoint.
+    assert cli(["train", "--data", str(dataset_dir), "--out", str(run), "--resume", "latest",
+                "steps=2", "batch_size=16", "progress=false", "warmup_steps=1"]) == 0  # fmt: skip
+    assert str(checkpoint) in capsys.readouterr().out
+    with (run / "log.csv").open() as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["1", "2"]
 
 
 def test_config_file_then_overrides(tmp_path) -> None:
@@ -185,3 +194,15 @@ def test_config_file_then_overrides(tmp_path) -> None:
     (tmp_path / "bad.json").write_text('{"lr": 1, "colour": 2}')
     with pytest.raises(ValueError, match="colour"):
         build_config(tmp_path / "bad.json", [], data="d", out="o")
+    # YAML reads 1e-3 as a string: parsed like the command line; wrong types are named.
+    path.write_text("lr: 1e-3\nrenormalize: 'false'\nsteps: 10\n")
+    config = build_config(path, [], data="d", out="o")
+    assert (config.lr, config.renormalize, config.steps) == (1e-3, False, 10)
+    path.write_text("steps: 10.5\n")
+    with pytest.raises(ValueError, match="steps takes a int"):
+        build_config(path, [], data="d", out="o")
+    path.write_text("lr: [1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        build_config(path, [], data="d", out="o")
+    with pytest.raises(ValueError, match="max_docs_per_query"):
+        build_config(None, ["max_docs_per_query=0"], data="d", out="o")
