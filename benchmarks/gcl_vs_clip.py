@@ -55,7 +55,22 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     parser.add_argument("--tag", default="gcl_vs_clip", help="file name stem of the results")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the plot and table from the saved summary CSV")  # fmt: skip
     args = parser.parse_args()
+    if args.plot_only:
+        with (Path(args.out) / f"{args.tag}_summary.csv").open() as f:
+            summary = [
+                {**row, "mean": float(row["mean"]), "std": float(row["std"])}
+                for row in csv.DictReader(f)
+            ]
+        args.seeds = int(summary[0]["seeds"])
+        settings = json.loads((Path(args.out) / f"{args.tag}.json").read_text())["settings"]
+        args.steps, args.batch_size = settings["steps"], settings["batch_size"]
+        kinds = list(dict.fromkeys(row["kind"] for row in summary))
+        plot(summary, kinds, Path(args.out) / f"{args.tag}.png", args)
+        print_table(summary, kinds)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="gcl_vs_clip_"))
     data = (
@@ -149,10 +164,11 @@ def plot(summary: list[dict], kinds: list[str], png: Path, args: argparse.Namesp
         )
         ax.set_title(metric)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(title="weights")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="weights", loc="center right")
     fig.suptitle(f"GCL weights vs CLIP loss (constant), synthetic data, tiny model, {args.steps} steps x "
                  f"{args.batch_size}, mean +- std over {args.seeds} seeds")  # fmt: skip
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
