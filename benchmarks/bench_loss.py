@@ -6,7 +6,8 @@ open_clip's ClipLoss and Inf-CL, for forward, backward and forward + backward.
 
 Rows are appended to ``benchmarks/results/loss_<device>.csv`` with the hardware line (device,
 torch and triton versions, date). FLOP/s count 8 N^2 k per forward + backward (2 N^2 k per
-matmul: the forward's and three in the backward), as DESIGN.md does.
+matmul: the forward's and three in the backward: the cost of a design that recomputes
+the similarity tiles in backward).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ of shorter lists, and returns one value per query, ``(Q,)``, in ``[0, 1]``. A do
 zero-padded. It defines the ideal ranking (NDCG) and the number of relevant documents (Recall,
 MAP), so a relevant document that was not retrieved still counts, as in trec_eval and ranx.
 
-Conventions (``../shared/DESIGN.md``):
+Conventions (``docs/CONTRACT.md``, section 7):
 
 * ``ndcg``: ``DCG@k = sum_{i <= k} gain(g_i) / log2(i + 1)``, gain ``g`` (linear: trec_eval's
   ``ndcg_cut``, the GCL paper) or ``2^g - 1`` (exponential: Burges et al. 2005, ranx's

@@ -1,6 +1,6 @@
 """Plain-PyTorch definitions of the GCL loss: the test oracle, the CPU path, the benchmark baseline.
 
-Notation (``../shared/DESIGN.md``): rows are queries ``Q (N, k)``, columns documents ``D (M, k)``,
+Notation (``docs/CONTRACT.md``): rows are queries ``Q (N, k)``, columns documents ``D (M, k)``,
 ``Z = t * normalize(Q) @ normalize(D).T``; row ``i``'s positive is column ``offset + i`` (the
 square problem has ``M = N`` and ``offset = 0``). With ids, an off-diagonal pair ``(i, j)`` whose
 query id or document id matches is *excluded*: it leaves both softmax denominators, because it is
