@@ -1,9 +1,11 @@
 """Input checks shared by the public functions: each error names the argument and the problem.
 
 Shape and dtype checks are free and always run. Value checks (non-finite numbers, negative
-weights, zero-norm rows, a non-positive scale) read the data back from the device, one
-synchronisation per call; the public functions run them unless called with ``validate=False``
-(and skip them while ``torch.compile`` traces, where reading data back would break the graph).
+weights, zero-norm rows, a non-positive scale) read the data back from the device: all of one
+call's value checks are reduced on the device to a few flags read back together
+(``check_all_values``), so a call costs one synchronisation, and only a failing call pays for
+the detailed message. The public functions run them unless called with ``validate=False`` (and
+skip them while ``torch.compile`` traces, where reading data back would break the graph).
 """
 
 from __future__ import annotations
@@ -110,6 +112,38 @@ def check_logit_scale(logit_scale: float | torch.Tensor, validate: bool) -> None
             f"logit_scale must be positive and finite (already exponentiated, as open_clip "
             f"passes logit_scale.exp()), got {value}"
         )
+
+
+def check_all_values(
+    tensors: list[tuple[str, torch.Tensor, bool]] = (),
+    weights: torch.Tensor | None = None,
+    logit_scale: float | torch.Tensor | None = None,
+) -> None:
+    """Every value check of one call with one device synchronisation.
+
+    ``tensors`` holds ``(name, tensor, nonzero_rows)`` triples (``check_values``); ``weights`` must
+    be finite and ``>= 0``; ``logit_scale`` positive and finite. The flags of all checks are
+    computed on the device and read back at once; when one is raised, the individual checks run
+    again to name the problem.
+    """
+    flags = []
+    for _, tensor, nonzero_rows in tensors:
+        flags.append(~torch.isfinite(tensor).all())
+        if nonzero_rows:
+            flags.append((tensor == 0).all(dim=-1).any())
+    if weights is not None:
+        flags.append(~torch.isfinite(weights).all() | (weights < 0).any())
+    scale_tensor = isinstance(logit_scale, torch.Tensor)
+    if scale_tensor:
+        scale = logit_scale.detach().reshape(())
+        flags.append(~(torch.isfinite(scale) & (scale > 0)))
+    if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):  # one sync
+        return
+    for name, tensor, nonzero_rows in tensors:
+        check_values(tensor, name, nonzero_rows=nonzero_rows)
+    check_weights(weights, weights.shape[0] if weights is not None else 0, True)
+    if logit_scale is not None:
+        check_logit_scale(logit_scale, True)
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

@@ -42,6 +42,7 @@ PyTorch path elsewhere. ``impl="triton"`` on CPU tensors needs the Triton interp
 ``TRITON_INTERPRET=1`` in the environment *before* anything imports triton.
 """
 
+import contextlib
 from typing import Literal, Optional
 
 import torch
@@ -53,16 +54,24 @@ from gcl_ops.reference import Reduction, naive_masked_lse, reduce_loss
 
 Impl = Literal["auto", "triton", "torch"]
 
-LOG2E = tl.constexpr(1.4426950408889634)  # kernels work in base 2: exp(x) = exp2(x * log2(e))
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), x already a difference
 LN2 = tl.constexpr(0.6931471805599453)
 #: The Triton path keeps whole embedding rows on chip; wider embeddings take the PyTorch path.
 MAX_TRITON_K = 1024
 #: The forward pass sums ``exp(Z - shift)`` with ``shift = max(0, bound - 64)``, ``bound >= |Z|``:
-#: every term is at most e^64, so even 2^40 of them stay finite in fp32.
+#: every term is at most e^64, so up to fp32max / e^64 = 3.4e38 / 6.2e27 = 5.5e10 (about 2^35.7)
+#: of them stay finite in fp32.
 SHIFT_HEADROOM = 64.0
-#: A row or column sum below this (about e^-69) may have lost precision to underflow, or has no
-#: negative at all: its log-sum-exp is recomputed exactly with an online maximum.
-TINY_SUM = 1e-30
+#: A row or column sum below this (about e^-46) may have lost precision to underflow, or has no
+#: negative at all: its log-sum-exp is recomputed exactly with an online maximum. On the GPU
+#: ``tl.exp2`` is ``ex2.approx.ftz``: each term below the smallest normal fp32, 2^-126 = 1.2e-38,
+#: may be flushed to 0, so a sum of M terms may lose up to M * 1.2e-38 (the interpreter keeps
+#: denormals and does not show it). For a relative loss below 1e-6 at the largest M that the
+#: shift allows (5.5e10, above), a kept sum must be at least 5.5e10 * 1.2e-38 / 1e-6 = 6.5e-22.
+TINY_SUM = 1e-20
+#: The fp16 backward scales ``dS`` by ``2^e`` before the cast, ``|e|`` at most this: a row block
+#: whose bound on ``|dS|`` is below ``2^(14 - 100)`` (8e-27) is scaled by 2^100 only.
+MAX_FP16_EXPONENT = tl.constexpr(100)
 
 
 # ==============================================================================================
@@ -71,12 +80,33 @@ TINY_SUM = 1e-30
 
 
 @triton.jit
+def _row_offsets(rows, cols, stride_n, stride_m):
+    """Element offsets ``rows_i stride_n + cols_j stride_m`` of a tile: the row part in int64
+    (``rows * stride_n`` passes 2^31 in a large matrix), the column part in int32, which the
+    launchers keep in range (``_fit_int32_offsets``): 64-bit per-element products cost
+    registers the widest tiles do not have."""
+    return rows.to(tl.int64)[:, None] * stride_n + (cols * stride_m)[None, :]
+
+
+@triton.jit
+def _tile_pointers(ptr, row_start, col_start, stride_n, stride_m,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Pointers to the ``(BLOCK_M, BLOCK_N)`` tile at ``(row_start, col_start)`` of a matrix: the
+    tile's origin ``row_start stride_n + col_start stride_m`` in int64 (a transposed ``(N, N)``
+    matrix has ``stride_m = N``, and ``col_start N`` passes 2^31 from N = 46,341), the offsets
+    within the tile in int32, which the launchers keep in range (``_fit_int32_offsets``)."""
+    origin = ptr + tl.cast(row_start, tl.int64) * stride_n + tl.cast(col_start, tl.int64) * stride_m
+    within = tl.arange(0, BLOCK_M)[:, None] * stride_n + tl.arange(0, BLOCK_N)[None, :] * stride_m
+    return origin + within
+
+
+@triton.jit
 def _load_rows(ptr, rows, stride_n, stride_k, n, k, K_PAD: tl.constexpr, UPCAST: tl.constexpr):
     """Rows ``rows`` of an ``(n, k)`` matrix as a ``(len(rows), K_PAD)`` tile, zero-padded."""
     offs_k = tl.arange(0, K_PAD)
     mask = (rows < n)[:, None] & (offs_k < k)[None, :]
     tile = tl.load(
-        ptr + rows.to(tl.int64)[:, None] * stride_n + offs_k[None, :] * stride_k,
+        ptr + _row_offsets(rows, offs_k, stride_n, stride_k),
         mask=mask,
         other=0.0,
     )
@@ -93,11 +123,26 @@ def _cosine_tile(
     NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``S = R^ C^T`` for one tile: a tensor-core GEMM over ``k`` in ``BLOCK_K`` slices with an fp32
-    accumulator, then ``* 1/|r_i| * 1/|c_j|``."""
+    accumulator. fp32 operands are normalised before the GEMM (each slice times its rows' and
+    columns' ``1/|x|``), half operands after it (``* (1/|r_i| 1/|c_j|)``). Offsets as in
+    ``_row_offsets``: rows in int64, ``k`` in int32.
+
+    Either way ``S_ij`` comes out bitwise the same with rows and columns swapped. The column
+    statistics are computed with documents as rows (_online_lse_kernel, backward), and
+    P = exp(Z - lse) is exact only where lse saw the very Z the backward recomputes (a column
+    with one negative has lse = Z and P = 1; a one-ulp mismatch in S costs t ulp(S) in P, ~1e-5
+    at t = 175, times t again in the gradient). Normalising first: ``x_k (1/|x|)`` is the same
+    product from either side. After the GEMM: the product of the inverse norms first, which is
+    commutative."""
     row_offsets = rows.to(tl.int64)[:, None] * stride_rn
     col_offsets = cols.to(tl.int64)[:, None] * stride_cn
     rows_ok = (rows < n_rows)[:, None]
     cols_ok = (cols < n_cols)[:, None]
+    # fp32: S = sum_k r^_k c^_k rounds like a dot of normalised vectors (the naive computation),
+    # where scaling after the GEMM would add one rounding of |r||c| S to every entry: noise of
+    # t ulp(S) in Z at large t, which d t = sum dZ S sums up (2e-6 against 9e-5 at t = 316).
+    # Half operands stay as they are: normalised, they would be rounded to the half type again.
+    SCALE_OPERANDS: tl.constexpr = rows_ptr.dtype.element_ty == tl.float32
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, k, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
@@ -109,10 +154,13 @@ def _cosine_tile(
         if UPCAST:  # the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584)
             row_slice = row_slice.to(tl.float32)
             col_slice = col_slice.to(tl.float32)
+        if NORMALIZE and SCALE_OPERANDS:
+            row_slice = row_slice * inv_rows[:, None]
+            col_slice = col_slice * inv_cols[:, None]
         accumulator = tl.dot(row_slice, tl.trans(col_slice), accumulator,
                              input_precision=INPUT_PRECISION)  # fmt: skip
-    if NORMALIZE:
-        accumulator = accumulator * inv_rows[:, None] * inv_cols[None, :]
+    if NORMALIZE and not SCALE_OPERANDS:
+        accumulator = accumulator * (inv_rows[:, None] * inv_cols[None, :])
     return accumulator
 
 
@@ -167,10 +215,19 @@ def _similarity_tile(
 
 
 @triton.jit
+def _fma_probe():
+    pass
+
+
+#: Whether ``tl.fma`` is fused (one rounding): on the GPU; the interpreter rounds the product.
+FUSED_FMA = tl.constexpr(not interpreting(_fma_probe))
+
+
+@triton.jit
 def _stats_fwd_kernel(
     rows_ptr, cols_ptr, inv_rows_ptr, inv_cols_ptr,  # data
     row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
-    scale_ptr, shift_ptr,  # device scalars t and the fixed shift
+    scale_ptr, shift_ptr,  # device scalars t and the fixed shift in cosine units, shift / t
     row_sum_ptr, col_sum_ptr, pos_ptr,  # outputs, zero-initialised, accumulated atomically
     stride_rn, stride_rk, stride_cn, stride_ck,  # strides
     n_rows, n_cols, k, diag_offset, num_splits,  # sizes
@@ -180,16 +237,20 @@ def _stats_fwd_kernel(
 ):  # fmt: skip
     """Program ``(m, s)``: rows block ``m`` against column tiles ``s, s + num_splits, ...``.
 
-    row_sum_i += sum_j exp(Z_ij - shift), col_sum_j += sum_i exp(Z_ij - shift) over negatives;
-    pos_i = Z_{i, i + diag_offset}.
+    row_sum_i += sum_j exp(t (S_ij - sigma)), col_sum_j += sum_i exp(t (S_ij - sigma)) over
+    negatives, with ``sigma = shift / t``; pos_i = Z_{i, i + diag_offset}.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < n_rows
     inv_rows = tl.load(inv_rows_ptr + rows, mask=rows_ok, other=1.0) if NORMALIZE else None
-    scale_log2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    shift_log2 = tl.load(shift_ptr).to(tl.float32) * LOG2E
+    scale = tl.load(scale_ptr).to(tl.float32)
+    shift_cosine = tl.load(shift_ptr).to(tl.float32)
+    # t log2(e) as two fp32 parts (from the launcher, in float64): one fp32 product would be off
+    # by up to 6e-8 relative, 5e-6 absolute at exponents near the headroom (92 in base 2).
+    exp_scale = tl.load(shift_ptr + 1).to(tl.float32)
+    exp_scale_lo = tl.load(shift_ptr + 2).to(tl.float32)
 
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     positive_cosine = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -202,19 +263,44 @@ def _stats_fwd_kernel(
             n_rows, n_cols, k, diag_offset,
             BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, HAS_QID, HAS_DID, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
-        # One exp per entry feeds both sums: exp(Z - shift) = exp2((S t - shift) log2(e)).
-        shifted = tl.where(negative, tl.exp2(cosines * scale_log2 - shift_log2), 0.0)
+        # One exp per entry feeds both sums: exp(Z - shift) = exp2((S - sigma) t log2(e)). The
+        # difference is taken in cosine units, where it rounds relative to itself: Z = S t would
+        # round at |Z| (ulp(316) = 3e-5) first, noise that every P of the backward carries.
+        # The dominant terms have exponents near the headroom (up to 92 in base 2), where one
+        # rounding of the exponent is up to ulp(92) / 2 = 4e-6, a relative error of the term
+        # that the backward (differences from the lse, small there) does not share: its P then
+        # sum to 1 + 4e-6, which d t = sum dZ S picks up as g t 4e-6. So both roundings of the
+        # exponent are carried to first order: that of S - sigma (TwoSum) and that of the
+        # product (fma), and exp2(e + de) = exp2(e) (1 + de ln 2).
+        gap = cosines - shift_cosine
+        gap_cos = gap + shift_cosine
+        gap_err = (cosines - gap_cos) + (gap_cos - gap - shift_cosine)
+        exponent = gap * exp_scale
+        if FUSED_FMA:
+            product_err = tl.fma(gap, exp_scale, -exponent)
+        else:  # the interpreter's fma rounds the product: Dekker's exact product instead
+            split = gap * 4097.0
+            gap_hi = split - (split - gap)
+            gap_lo = gap - gap_hi
+            split = exp_scale * 4097.0
+            scale_hi = split - (split - exp_scale)
+            scale_lo = exp_scale - scale_hi
+            product_err = (((gap_hi * scale_hi - exponent) + gap_hi * scale_lo) + gap_lo * scale_hi
+                           + gap_lo * scale_lo)  # fmt: skip
+        exponent_err = product_err + (gap * exp_scale_lo + gap_err * exp_scale)
+        shifted = tl.where(negative, tl.exp2(exponent) * (1.0 + exponent_err * LN2), 0.0)
         row_sum += tl.sum(shifted, axis=1)
         tl.atomic_add(col_sum_ptr + cols, tl.sum(shifted, axis=0), mask=cols_ok)
         positive_cosine += tl.sum(tl.where(positive, cosines, 0.0), axis=1)
     tl.atomic_add(row_sum_ptr + rows, row_sum, mask=rows_ok)
-    tl.atomic_add(pos_ptr + rows, positive_cosine * (scale_log2 * LN2), mask=rows_ok)
+    tl.atomic_add(pos_ptr + rows, positive_cosine * scale, mask=rows_ok)
 
 
 @triton.jit
 def _finish_lse(running_max, running_sum):
-    """Natural log-sum-exp from a base-2 running maximum and sum; -inf for an empty sum."""
-    lse = (running_max + tl.log2(tl.maximum(running_sum, 1e-38))) * LN2
+    """Log-sum-exp ``max + log(sum)`` from a running maximum and the sum of ``exp(x - max)``;
+    -inf for an empty sum."""
+    lse = running_max + tl.log2(tl.maximum(running_sum, 1e-38)) * LN2
     return tl.where(running_sum == 0.0, float("-inf"), lse)
 
 
@@ -222,7 +308,7 @@ def _finish_lse(running_max, running_sum):
 def _online_lse_kernel(
     rows_ptr, cols_ptr, inv_rows_ptr, inv_cols_ptr,  # data
     row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
-    scale_ptr, redo_ptr, lse_ptr,  # t, which rows to recompute, output (written where redo)
+    scale_ptr, redo_ptr, lse_ptr,  # t, which rows to recompute, (2, n_rows) output (where redo)
     stride_rn, stride_rk, stride_cn, stride_ck,  # strides
     n_rows, n_cols, k, diag_offset,  # sizes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -230,13 +316,15 @@ def _online_lse_kernel(
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Exact ``lse_i = logsumexp_{j negative} Z_ij`` with a running maximum, for the rows flagged
-    in ``redo``; a block without a flagged row returns at once."""
+    in ``redo``, in two parts that the launcher adds up in float64: ``lse_ptr[i] = max_j S_ij``
+    (cosine units) and ``lse_ptr[n_rows + i] = sum_j exp(t (S_ij - max))`` (0 without
+    negatives), so ``lse_i = t max + log(sum)``. A block without a flagged row returns at once."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < n_rows
     redo = tl.load(redo_ptr + rows, mask=rows_ok, other=0)
     if tl.max(redo, axis=0) > 0:
         inv_rows = tl.load(inv_rows_ptr + rows, mask=rows_ok, other=1.0) if NORMALIZE else None
-        scale_log2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+        scale = tl.load(scale_ptr).to(tl.float32)
         running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for tile in range(0, tl.cdiv(n_cols, BLOCK_N)):
@@ -247,22 +335,32 @@ def _online_lse_kernel(
                 n_rows, n_cols, k, diag_offset,
                 BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, HAS_QID, HAS_DID, INPUT_PRECISION, UPCAST,
             )  # fmt: skip
-            logits_log2 = tl.where(negative, cosines * scale_log2, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(logits_log2, axis=1))
+            # Differences in cosine units first (as in _stats_fwd_kernel), then times t log2(e).
+            cosines = tl.where(negative, cosines, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(cosines, axis=1))
             # A row with no negative yet keeps max -inf: shift by 0 there to avoid inf - inf.
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            running_sum = running_sum * tl.exp2(running_max - safe_max) + tl.sum(
-                tl.exp2(logits_log2 - safe_max[:, None]), axis=1
+            running_sum = running_sum * tl.exp2((running_max - safe_max) * scale * LOG2E) + tl.sum(
+                tl.exp2((cosines - safe_max[:, None]) * scale * LOG2E), axis=1
             )
             running_max = new_max
-        tl.store(lse_ptr + rows, _finish_lse(running_max, running_sum), mask=rows_ok & (redo != 0))
+        flagged = rows_ok & (redo != 0)
+        tl.store(lse_ptr + rows, running_max, mask=flagged)
+        tl.store(lse_ptr + n_rows + rows, running_sum, mask=flagged)
+
+
+@triton.jit
+def _power_of_two(exponent):
+    """``2^exponent`` exactly, for int32 ``exponent`` in fp32's normal range [-126, 127]: the
+    biased exponent written straight into the float's bits."""
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _stats_bwd_kernel(
     rows_ptr, cols_ptr, inv_rows_ptr, inv_cols_ptr,  # data
     row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
-    scale_ptr, neg_row_ptr, neg_col_ptr,  # t and the forward's statistics
+    scale_ptr, neg_row_ptr, neg_col_ptr,  # t (fp16: and 2 bounds); (2, n) lse / t, hi and lo
     grad_neg_row_ptr, grad_neg_col_ptr, grad_pos_ptr,  # upstream gradients
     grad_rows_ptr, scale_partials_ptr,  # outputs
     stride_rn, stride_rk, stride_cn, stride_ck, stride_gn, stride_gk,  # strides
@@ -272,20 +370,46 @@ def _stats_bwd_kernel(
     SCALE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Gradient of one block of rows: ``dR_i = through_norm(t * sum_j dZ_ij c^_j)``, recomputing
-    ``Z`` tile by tile; with ``SCALE_GRAD`` also the block's ``sum_ij dZ_ij S_ij``."""
+    ``Z`` tile by tile; with ``SCALE_GRAD`` also the block's ``sum_ij dZ_ij S_ij``.
+
+    The statistics come as log-sum-exps in cosine units, ``lse / t = hi + lo`` (two fp32 parts:
+    ``neg_row_ptr[i]``, ``neg_row_ptr[n_rows + i]``; 0 where there is no negative)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < n_rows
     inv_rows = tl.load(inv_rows_ptr + rows, mask=rows_ok, other=1.0) if NORMALIZE else None
     scale = tl.load(scale_ptr).to(tl.float32)
-    scale_log2 = scale * LOG2E
-    # A row or column without negatives has statistic -inf and nothing that reads it: use 0.
     neg_row = tl.load(neg_row_ptr + rows, mask=rows_ok, other=0.0)
-    neg_row_log2 = tl.where(neg_row == float("-inf"), 0.0, neg_row) * LOG2E
+    neg_row_lo = tl.load(neg_row_ptr + n_rows + rows, mask=rows_ok, other=0.0)
     grad_neg_row = tl.load(grad_neg_row_ptr + rows, mask=rows_ok, other=0.0)
     grad_pos = tl.load(grad_pos_ptr + rows, mask=rows_ok, other=0.0)
 
-    grad_rows_hat = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)  # dL/dr^
+    grad_rows_hat = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)  # dL/dr^ (fp16: times 2^e)
+    # fp16 operands of dS @ C: dS_ij ~ t w / N^2 is far below fp16's smallest normal (6e-5) at
+    # large N, and would flush to 0 in the cast. The block's dS is scaled by a power of two 2^e
+    # fixed before the loop, folded into the upstream gradients (dS is linear in them; no extra
+    # work per entry), and undone in fp32 at the end. (bf16 has fp32's exponent range and fp32
+    # casts nothing: no scaling.) On negatives P <= 1 (clamped below), so with
+    # a = max_j 1/|c_j| and b = max_j |g_col_j| / |c_j| (1/|c_j| = 1 without normalisation),
+    # from the launcher in scale_ptr[1:3]:
+    #     |dS_ij| <= bound = t (a max_i (|g_row_i| + |g_pos_i|) + b),
+    # and e = 13 - floor(log2 bound) puts bound 2^e in [2^13, 2^14): nothing passes fp16's
+    # 65504. An entry f times below the bound keeps fp16's full 11 bits down to f = 2^-27 (then
+    # subnormals); e is clamped to [-100, 100]. One e per block, not per row: per-row factors
+    # cost registers that the K_PAD = 1024 tiles do not have (benchmarks/static_tile_check.py).
+    RESCALE: tl.constexpr = rows_ptr.dtype.element_ty == tl.float16
+    if RESCALE:
+        bound = scale * (
+            tl.load(scale_ptr + 1) * tl.max(tl.abs(grad_neg_row) + tl.abs(grad_pos), axis=0)
+            + tl.load(scale_ptr + 2)
+        )
+        # floor(log2 x) = (biased exponent) - 127 for a normal x > 0: bits >> 23.
+        bound_bits = tl.maximum(bound, 1e-30).to(tl.int32, bitcast=True)
+        exponent = tl.minimum(tl.maximum(140 - (bound_bits >> 23), -MAX_FP16_EXPONENT),
+                              MAX_FP16_EXPONENT)  # fmt: skip
+        up = _power_of_two(exponent)
+        grad_neg_row = grad_neg_row * up
+        grad_pos = grad_pos * up
     scale_grad = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for tile in range(0, tl.cdiv(n_cols, BLOCK_N)):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -297,13 +421,20 @@ def _stats_bwd_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, HAS_QID, HAS_DID, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
         neg_col = tl.load(neg_col_ptr + cols, mask=cols_ok, other=0.0)
-        neg_col_log2 = tl.where(neg_col == float("-inf"), 0.0, neg_col) * LOG2E
+        neg_col_lo = tl.load(neg_col_ptr + n_cols + cols, mask=cols_ok, other=0.0)
         grad_neg_col = tl.load(grad_neg_col_ptr + cols, mask=cols_ok, other=0.0)
-        logits_log2 = cosines * scale_log2
-        # dZ = g_row_i P_row + g_col_j P_col on negatives, g_pos_i on the positive, else 0.
+        if RESCALE:
+            grad_neg_col = grad_neg_col * up
+        # dZ = g_row_i P_row + g_col_j P_col on negatives, g_pos_i on the positive, else 0, with
+        # P = exp(Z - lse) = exp2((S - hi - lo) t log2(e)). In cosine units S - hi is exact
+        # where it matters (P not negligible: S near hi, Sterbenz) and every later rounding is
+        # relative to the small difference; Z = S t and an fp32 lse would each be off by up to
+        # ulp(|Z|) / 2 (1.5e-5 at |Z| ~ 300), relative errors in P that d t = sum dZ S sums up.
         # On negatives Z <= lse, so P <= 1; the clamp only keeps the discarded entries finite.
-        p_row = tl.exp2(tl.minimum(logits_log2 - neg_row_log2[:, None], 0.0))
-        p_col = tl.exp2(tl.minimum(logits_log2 - neg_col_log2[None, :], 0.0))
+        row_gap = (cosines - neg_row[:, None]) - neg_row_lo[:, None]
+        col_gap = (cosines - neg_col[None, :]) - neg_col_lo[None, :]
+        p_row = tl.exp2(tl.minimum(row_gap * scale, 0.0) * LOG2E)
+        p_col = tl.exp2(tl.minimum(col_gap * scale, 0.0) * LOG2E)
         grad_logits = tl.where(
             negative, grad_neg_row[:, None] * p_row + grad_neg_col[None, :] * p_col, 0.0
         )
@@ -320,6 +451,10 @@ def _stats_bwd_kernel(
         col_tile = _load_rows(cols_ptr, cols, stride_cn, stride_ck, n_cols, k, K_PAD, UPCAST)
         grad_rows_hat += tl.dot(grad_cosines, col_tile, input_precision=INPUT_PRECISION)
 
+    if RESCALE:
+        down = _power_of_two(-exponent)  # exact: powers of two
+        grad_rows_hat = grad_rows_hat * down
+        scale_grad = scale_grad * down
     grad_rows = grad_rows_hat
     if NORMALIZE:
         # dr_i = (dr^_i - r_i <r_i, dr^_i> / |r_i|^2) / |r_i|
@@ -329,7 +464,7 @@ def _stats_bwd_kernel(
         grad_rows = (grad_rows_hat - row_values * radial[:, None]) * inv_rows[:, None]
     offs_k = tl.arange(0, K_PAD)
     tl.store(
-        grad_rows_ptr + rows.to(tl.int64)[:, None] * stride_gn + offs_k[None, :] * stride_gk,
+        grad_rows_ptr + _row_offsets(rows, offs_k, stride_gn, stride_gk),
         grad_rows.to(grad_rows_ptr.dtype.element_ty),
         mask=rows_ok[:, None] & (offs_k < k)[None, :],
     )
@@ -357,24 +492,26 @@ def _logits_stats_kernel(
             rows, cols, n, n, 0, qid_ptr, did_ptr, qid_ptr, did_ptr, HAS_QID, HAS_DID
         )
         logits = tl.load(
-            logits_ptr + rows.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_m,
+            _tile_pointers(
+                logits_ptr, pid * BLOCK_M, tile * BLOCK_N, stride_n, stride_m, BLOCK_M, BLOCK_N
+            ),  # fmt: skip
             mask=(rows < n)[:, None] & (cols < n)[None, :],
             other=0.0,
         ).to(tl.float32)
-        logits_log2 = tl.where(negative, logits * LOG2E, float("-inf"))
-        # Rows: running maximum, as in _online_lse_kernel.
-        new_max = tl.maximum(running_max, tl.max(logits_log2, axis=1))
+        logits = tl.where(negative, logits, float("-inf"))
+        # Rows: running maximum, as in _online_lse_kernel (differences in natural units).
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp2(running_max - safe_max) + tl.sum(
-            tl.exp2(logits_log2 - safe_max[:, None]), axis=1
+        running_sum = running_sum * tl.exp2((running_max - safe_max) * LOG2E) + tl.sum(
+            tl.exp2((logits - safe_max[:, None]) * LOG2E), axis=1
         )
         running_max = new_max
         # Columns: this block's partial statistics, merged by a log-sum-exp afterwards.
-        col_max = tl.max(logits_log2, axis=0)
+        col_max = tl.max(logits, axis=0)
         safe_col_max = tl.where(col_max == float("-inf"), 0.0, col_max)
-        col_sum = tl.sum(tl.exp2(logits_log2 - safe_col_max[None, :]), axis=0)
+        col_sum = tl.sum(tl.exp2((logits - safe_col_max[None, :]) * LOG2E), axis=0)
         partial = pid.to(tl.int64) * n + cols
-        tl.store(col_max_ptr + partial, col_max * LN2, mask=cols < n)
+        tl.store(col_max_ptr + partial, col_max, mask=cols < n)
         tl.store(col_sum_ptr + partial, col_sum, mask=cols < n)
     tl.store(neg_row_ptr + rows, _finish_lse(running_max, running_sum), mask=rows < n)
 
@@ -389,8 +526,9 @@ def _logits_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
 ):  # fmt: skip
     """``dZ`` of the logits form in one elementwise pass (same formula as ``_stats_bwd_kernel``)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok = rows < n
     cols_ok = cols < n
     negative, positive = _tile_masks(
@@ -398,7 +536,9 @@ def _logits_grad_kernel(
     )
     in_bounds = rows_ok[:, None] & cols_ok[None, :]
     logits = tl.load(
-        logits_ptr + rows.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_m,
+        _tile_pointers(
+            logits_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, stride_n, stride_m, BLOCK_M, BLOCK_N
+        ),  # fmt: skip
         mask=in_bounds,
         other=0.0,
     ).to(tl.float32)
@@ -414,7 +554,9 @@ def _logits_grad_kernel(
     grad = tl.where(negative, grad_neg_row[:, None] * p_row + grad_neg_col[None, :] * p_col, 0.0)
     grad = tl.where(positive, grad_pos[:, None], grad)
     tl.store(
-        grad_ptr + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gm,
+        _tile_pointers(
+            grad_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, stride_gn, stride_gm, BLOCK_M, BLOCK_N
+        ),  # fmt: skip
         grad.to(grad_ptr.dtype.element_ty),
         mask=in_bounds,
     )
@@ -465,12 +607,42 @@ def _num_splits(n_rows: int, n_cols: int, block_m: int, block_n: int, device: to
     )
 
 
+def _allow_tf32() -> bool:
+    """Whether the user lets fp32 matmuls use TF32. The newer setting
+    ``torch.backends.cuda.matmul.fp32_precision`` ("ieee", "tf32", or "none": defer to the legacy
+    one) comes first: once it is set, the legacy ``torch.get_float32_matmul_precision()`` raises."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def _kernel_flags(x: torch.Tensor) -> dict:
     """Compile-time switches that depend on the dtype and the user's fp32 matmul setting."""
     return dict(
-        INPUT_PRECISION="ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32",
+        INPUT_PRECISION="tf32" if _allow_tf32() else "ieee",
         UPCAST=_INTERPRETING and x.dtype == torch.bfloat16,
     )
+
+
+#: Offsets within a tile are int32 (``_row_offsets``, ``_tile_pointers``): each launcher makes
+#: sure that ``sum_d (extent_d - 1) stride_d`` fits, over the extents a tile spans.
+_INT32_OFFSETS = 2**31
+
+
+def _fit_int32_offsets(x: torch.Tensor, *extents: int) -> torch.Tensor:
+    """``x``, or a contiguous copy of it where the int32 offsets within a tile could overflow:
+    a tile spans ``extents[d]`` indices along dimension ``d`` (0 for a dimension the kernel
+    addresses in int64). Only odd layouts copy, such as an ``(N, k)`` view of a ``(k, N)``
+    matrix with N above 2^31 / k; a contiguous operand has ``(k - 1) * 1`` or, for an
+    ``(N, N)`` logits matrix, ``127 (N + 1)``, far inside int32 at any size that fits memory."""
+    span = sum(max(extent - 1, 0) * stride for extent, stride in zip(extents, x.stride()))
+    return x if span < _INT32_OFFSETS else x.contiguous()
+
+
+def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the *current* CUDA device: make it ``x``'s (nothing to do on CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _ids_arguments(
@@ -520,16 +692,25 @@ def _triton_stats_forward(
     doc_ids: torch.Tensor | None,
     offset: int,
     normalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(neg_row, neg_col, pos)`` and, for the backward, ``lse / t`` of the rows and of the
+    columns as ``(2, N)`` / ``(2, M)`` fp32 pairs ``hi + lo`` (``_lse_parts``)."""
     (n, k), m = query.shape, doc.shape[0]
+    query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
     f32 = dict(device=query.device, dtype=torch.float32)
     scale = scale.detach().to(**f32).reshape(1)
+    scale64 = scale.double()
     inv_query, inv_doc = _inverse_norms(query, normalize), _inverse_norms(doc, normalize)
-    bound = scale  # |Z| <= t for unit vectors, else |Z| <= t * max|q| * max|d|
+    bound = scale64  # |Z| <= t for unit vectors, else |Z| <= t * max|q| * max|d|
     if not normalize:
         for x in (query, doc):
-            bound = bound * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).max()
-    shift = (bound - SHIFT_HEADROOM).clamp_min(0.0).reshape(1)
+            bound = bound * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).max()
+    # The shift in cosine units, sigma = shift / t (the kernels subtract it from S, not Z).
+    shift_cosine = ((bound - SHIFT_HEADROOM).clamp_min(0.0) / scale64).float().reshape(1)
+    exp_scale64 = scale64 * 1.4426950408889634  # t log2(e), as hi + lo for the kernel
+    exp_scale = exp_scale64.float()
+    exp_scale_lo = (exp_scale64 - exp_scale.double()).float()
+    shift_arguments = torch.cat([shift_cosine, exp_scale.reshape(1), exp_scale_lo.reshape(1)])
     row_sum, col_sum, pos = torch.zeros(n, **f32), torch.zeros(m, **f32), torch.zeros(n, **f32)
 
     tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=False)
@@ -539,23 +720,41 @@ def _triton_stats_forward(
     constants = dict(NORMALIZE=normalize, **tiles, **id_flags, **_kernel_flags(query))
     problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, row_sum)
     _stats_fwd_kernel[(triton.cdiv(n, block_m), splits)](
-        query, doc, inv_query, inv_doc, *id_pointers, scale, shift, row_sum, col_sum, pos,
+        query, doc, inv_query, inv_doc, *id_pointers, scale, shift_arguments, row_sum, col_sum, pos,
         query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
         n, m, k, offset, splits, **constants,
     )  # fmt: skip
-    neg_row = torch.log(row_sum) + shift
-    neg_col = torch.log(col_sum) + shift
-
-    # Rows and columns whose sum underflowed (or that have no negative): exact recomputation.
-    for swap, sums, lse in ((False, row_sum, neg_row), (True, col_sum, neg_col)):
-        redo = ((sums < TINY_SUM) | ~torch.isfinite(sums)).to(torch.int8)
+    # lse = t sigma + log(sum) in float64, rounded to fp32 once (the output) and split into two
+    # fp32 parts for the backward: at |lse| ~ 300 one fp32 rounding is up to 1.5e-5, a relative
+    # error of every P = exp(Z - lse) that the backward would sum up t-fold.
+    shift64 = scale64 * shift_cosine.double()
+    results = []
+    for swap, sums in ((False, row_sum), (True, col_sum)):
+        lse = torch.log(sums.double()) + shift64
+        # Rows and columns whose sum underflowed (or that have no negative): exact recomputation
+        # with a running maximum, finished here in float64 as well.
+        redo = (sums < TINY_SUM) | ~torch.isfinite(sums)
+        parts = torch.zeros(2, sums.shape[0], **f32)  # (max cosine, sum) where redo
         rows, cols, inv_rows, inv_cols, pointers, _, diag_offset = _oriented(*problem, swap)
         _online_lse_kernel[(triton.cdiv(rows.shape[0], block_m),)](
-            rows, cols, inv_rows, inv_cols, *pointers, scale, redo, lse,
+            rows, cols, inv_rows, inv_cols, *pointers, scale, redo.to(torch.int8), parts,
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
             rows.shape[0], cols.shape[0], k, diag_offset, **constants,
         )  # fmt: skip
-    return neg_row, neg_col, pos
+        recomputed = scale64 * parts[0].double() + torch.log(parts[1].double())
+        recomputed = torch.where(parts[1] > 0, recomputed, float("-inf"))
+        lse = torch.where(redo, recomputed, lse)
+        results.append((lse.float(), _lse_parts(lse, scale64)))
+    (neg_row, row_parts), (neg_col, col_parts) = results
+    return neg_row, neg_col, pos, row_parts, col_parts
+
+
+def _lse_parts(lse: torch.Tensor, scale64: torch.Tensor) -> torch.Tensor:
+    """``lse / t`` (0 where ``lse`` is infinite: no negative, nothing reads it) as a ``(2, len)``
+    fp32 pair ``hi + lo``, from float64."""
+    cosine = torch.where(torch.isfinite(lse), lse.double() / scale64, 0.0)
+    hi = cosine.float()
+    return torch.stack([hi, (cosine - hi.double()).float()])
 
 
 def _triton_stats_backward(
@@ -571,10 +770,21 @@ def _triton_stats_backward(
     grad_pos: torch.Tensor,
     offset: int,
     normalize: bool,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    row_parts: torch.Tensor | None = None,
+    col_parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d query, d doc, d scale)``; one launch per side, only for the sides in ``needs_grad``
+    (a skipped gradient comes back as an empty tensor). ``d scale = sum_ij dZ_ij S_ij`` rides on
+    the first launch. ``row_parts``, ``col_parts``: the forward's float64 log-sum-exps as
+    ``_lse_parts``; without them, those of the fp32 ``neg_row``, ``neg_col``."""
     (n, k), m = query.shape, doc.shape[0]
+    # The gradients are allocated like the (possibly copied) inputs: the same offsets.
+    query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
     f32 = dict(device=query.device, dtype=torch.float32)
     scale32 = scale.detach().to(**f32).reshape(1)
+    if row_parts is None or col_parts is None:
+        row_parts, col_parts = (_lse_parts(lse, scale32.double()) for lse in (neg_row, neg_col))
     inv_query, inv_doc = _inverse_norms(query, normalize), _inverse_norms(doc, normalize)
     grad_neg_row, grad_neg_col, grad_pos = (
         g.to(**f32).contiguous() for g in (grad_neg_row, grad_neg_col, grad_pos)
@@ -582,30 +792,43 @@ def _triton_stats_backward(
     # Seen from the documents, row j's positive is column j - offset (when 0 <= j - offset < N).
     grad_pos_of_docs = torch.zeros(m, **f32)
     grad_pos_of_docs[offset : offset + n] = grad_pos
-    grad_query, grad_doc = torch.empty_like(query), torch.empty_like(doc)
+    need_query, need_doc, need_scale = needs_grad
+    if need_scale and not (need_query or need_doc):
+        need_query = True  # d scale comes out of a gradient pass
+    grad_query = torch.empty_like(query) if need_query else query.new_empty(0)
+    grad_doc = torch.empty_like(doc) if need_doc else doc.new_empty(0)
 
     k_pad = _k_pad(k)
     tiles = _tile_sizes(k_pad, query.element_size(), backward=True)
     block_m = tiles["BLOCK_M"]
-    scale_partials = torch.zeros(triton.cdiv(n, block_m), **f32)
     common = dict(K_PAD=k_pad, NORMALIZE=normalize, **tiles, **_kernel_flags(query))
     problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, scale32)
     jobs = (  # (swap, row statistics, column statistics, their upstream gradients, output)
-        (False, neg_row, neg_col, grad_neg_row, grad_neg_col, grad_pos, grad_query),
-        (True, neg_col, neg_row, grad_neg_col, grad_neg_row, grad_pos_of_docs, grad_doc),
+        (False, row_parts, col_parts, grad_neg_row, grad_neg_col, grad_pos, grad_query),
+        (True, col_parts, row_parts, grad_neg_col, grad_neg_row, grad_pos_of_docs, grad_doc),
     )
-    for swap, stat_rows, stat_cols, g_rows, g_cols, g_pos, out in jobs:
+    jobs = [job for job, needed in zip(jobs, (need_query, need_doc)) if needed]
+    grad_scale = torch.zeros((), dtype=scale.dtype, device=scale.device)
+    for launch, (swap, stat_rows, stat_cols, g_rows, g_cols, g_pos, out) in enumerate(jobs):
         rows, cols, inv_rows, inv_cols, pointers, id_flags, diag_offset = _oriented(*problem, swap)
+        scale_partials = torch.zeros(triton.cdiv(rows.shape[0], block_m), **f32)
+        scalars = scale32
+        if rows.dtype == torch.float16:  # the bound of the fp16 rescaling (see the kernel)
+            col_weights = inv_cols if normalize else torch.ones_like(inv_cols)
+            scalars = torch.cat([scale32, col_weights.max().reshape(1),
+                                 (g_cols.abs() * col_weights).max().reshape(1)])  # fmt: skip
         _stats_bwd_kernel[(triton.cdiv(rows.shape[0], block_m),)](
-            rows, cols, inv_rows, inv_cols, *pointers, scale32,
+            rows, cols, inv_rows, inv_cols, *pointers, scalars,
             stat_rows.contiguous(), stat_cols.contiguous(), g_rows, g_cols, g_pos,
             out, scale_partials,
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
             out.stride(0), out.stride(1),
             rows.shape[0], cols.shape[0], k, diag_offset,
-            SCALE_GRAD=not swap, **id_flags, **common,
+            SCALE_GRAD=need_scale and launch == 0, **id_flags, **common,
         )  # fmt: skip
-    return grad_query, grad_doc, scale_partials.sum().to(scale.dtype)
+        if launch == 0:
+            grad_scale = scale_partials.sum().to(scale.dtype)
+    return grad_query, grad_doc, grad_scale
 
 
 def _triton_logits_forward(
@@ -614,6 +837,7 @@ def _triton_logits_forward(
     n = logits.shape[0]
     f32 = dict(device=logits.device, dtype=torch.float32)
     block_m, block_n = (32, 32) if _INTERPRETING else (128, 64)
+    logits = _fit_int32_offsets(logits, block_m, block_n)
     row_blocks = triton.cdiv(n, block_m)
     neg_row = torch.empty(n, **f32)
     col_max, col_sum = torch.empty(row_blocks, n, **f32), torch.empty(row_blocks, n, **f32)
@@ -641,8 +865,9 @@ def _triton_logits_backward(
     grad_pos: torch.Tensor,
 ) -> torch.Tensor:
     n = logits.shape[0]
-    grad = torch.empty_like(logits)
     block = 32 if _INTERPRETING else 64
+    logits = _fit_int32_offsets(logits, block, block)
+    grad = torch.empty_like(logits)  # a dense logits' strides, else contiguous: in range too
     placeholder = neg_row
     _logits_grad_kernel[(triton.cdiv(n, block), triton.cdiv(n, block))](
         logits, placeholder if query_ids is None else query_ids.contiguous(),
@@ -674,24 +899,32 @@ def _gcl_stats_op(
     offset: int,
     normalize: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward,
+    the Triton path's ``lse / t`` in two fp32 parts (``(2, N)``, ``(2, M)``; empty on the
+    PyTorch path)."""
     # Autocast stays outside: the statistics are computed in fp32 from the inputs as they are.
-    with torch.autocast(query.device.type, enabled=False):
+    with torch.autocast(query.device.type, enabled=False), _on_device(query):
         if backend == "triton":
             return _triton_stats_forward(query, doc, scale, query_ids, doc_ids, offset, normalize)
-        return reference.blockwise_stats_forward(
+        neg_row, neg_col, pos = reference.blockwise_stats_forward(
             query, doc, scale, query_ids, doc_ids, offset, normalize, _block_elements(query)
         )
+        unused = query.new_empty(0, dtype=torch.float32)
+        return neg_row, neg_col, pos, unused, unused.clone()
 
 
 @_gcl_stats_op.register_fake
 def _(query, doc, scale, query_ids, doc_ids, offset, normalize, backend):
     dtype = torch.float32 if backend == "triton" else query.dtype
     n, m = query.shape[0], doc.shape[0]
+    triton_path = backend == "triton"
     return (
         query.new_empty(n, dtype=dtype),
         query.new_empty(m, dtype=dtype),
         query.new_empty(n, dtype=dtype),
+        query.new_empty((2, n) if triton_path else (0,), dtype=torch.float32),
+        query.new_empty((2, m) if triton_path else (0,), dtype=torch.float32),
     )
 
 
@@ -710,21 +943,44 @@ def _gcl_stats_backward_op(
     offset: int,
     normalize: bool,
     backend: str,
+    needs_query_grad: bool = True,
+    needs_doc_grad: bool = True,
+    needs_scale_grad: bool = True,
+    row_parts: Optional[torch.Tensor] = None,  # noqa: UP045
+    col_parts: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d query, d doc, d scale)``; a gradient not needed comes back empty (``(0,)``) and is
+    not computed (the Triton path skips its pass, the PyTorch path its GEMM).
+    ``row_parts``, ``col_parts``: the forward's, for the Triton path."""
     args = (query, doc, scale, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col,
             grad_pos, offset, normalize)  # fmt: skip
-    with torch.autocast(query.device.type, enabled=False):
+    needs_grad = (needs_query_grad, needs_doc_grad, needs_scale_grad)
+    with torch.autocast(query.device.type, enabled=False), _on_device(query):
         if backend == "triton":
-            return _triton_stats_backward(*args)
-        grad_query, grad_doc, grad_scale = reference.blockwise_stats_backward(
-            *args, _block_elements(query)
-        )
+            grad_query, grad_doc, grad_scale = _triton_stats_backward(
+                *args, needs_grad, row_parts, col_parts
+            )
+        else:
+            grad_query, grad_doc, grad_scale = reference.blockwise_stats_backward(
+                *args, _block_elements(query), need_query=needs_query_grad,
+                need_doc=needs_doc_grad, need_scale=needs_scale_grad,
+            )  # fmt: skip
+    if not needs_query_grad:
+        grad_query = query.new_empty(0)
+    if not needs_doc_grad:
+        grad_doc = doc.new_empty(0)
     return grad_query, grad_doc, grad_scale.to(scale.dtype)
 
 
 @_gcl_stats_backward_op.register_fake
-def _(query, doc, scale, *args):
-    return torch.empty_like(query), torch.empty_like(doc), torch.empty_like(scale)
+def _(query, doc, scale, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col,
+      grad_pos, offset, normalize, backend, needs_query_grad=True, needs_doc_grad=True,
+      needs_scale_grad=True, row_parts=None, col_parts=None):  # fmt: skip
+    return (
+        torch.empty_like(query) if needs_query_grad else query.new_empty(0),
+        torch.empty_like(doc) if needs_doc_grad else doc.new_empty(0),
+        torch.empty_like(scale),
+    )
 
 
 @torch.library.custom_op("gcl_ops::logits_stats", mutates_args=())
@@ -733,7 +989,7 @@ def _logits_stats_op(
     query_ids: Optional[torch.Tensor],  # noqa: UP045
     doc_ids: Optional[torch.Tensor],  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.autocast(logits.device.type, enabled=False):
+    with torch.autocast(logits.device.type, enabled=False), _on_device(logits):
         return _triton_logits_forward(logits, query_ids, doc_ids)
 
 
@@ -754,7 +1010,7 @@ def _logits_stats_backward_op(
     grad_neg_col: torch.Tensor,
     grad_pos: torch.Tensor,
 ) -> torch.Tensor:
-    with torch.autocast(logits.device.type, enabled=False):
+    with torch.autocast(logits.device.type, enabled=False), _on_device(logits):
         return _triton_logits_backward(
             logits, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col, grad_pos
         )
@@ -771,22 +1027,34 @@ class _GCLStatsFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, query, doc, scale, query_ids, doc_ids, offset, normalize, backend):
-        neg_row, neg_col, pos = torch.ops.gcl_ops.gcl_stats(
+        neg_row, neg_col, pos, row_parts, col_parts = torch.ops.gcl_ops.gcl_stats(
             query, doc, scale, query_ids, doc_ids, offset, normalize, backend
         )
-        ctx.save_for_backward(query, doc, scale, query_ids, doc_ids, neg_row, neg_col)
+        ctx.save_for_backward(
+            query, doc, scale, query_ids, doc_ids, neg_row, neg_col, row_parts, col_parts
+        )
         ctx.offset, ctx.normalize, ctx.backend = offset, normalize, backend
         return neg_row, neg_col, pos
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_neg_row, grad_neg_col, grad_pos):
-        query, doc, scale, query_ids, doc_ids, neg_row, neg_col = ctx.saved_tensors
+        query, doc, scale, query_ids, doc_ids, neg_row, neg_col, row_parts, col_parts = (
+            ctx.saved_tensors
+        )
+        # A frozen side (say, a fixed document tower) gets no gradient pass at all.
+        needs_query, needs_doc, needs_scale = ctx.needs_input_grad[:3]
         grad_query, grad_doc, grad_scale = torch.ops.gcl_ops.gcl_stats_backward(
             query, doc, scale, query_ids, doc_ids, neg_row, neg_col,
             grad_neg_row, grad_neg_col, grad_pos, ctx.offset, ctx.normalize, ctx.backend,
+            needs_query, needs_doc, needs_scale, row_parts, col_parts,
         )  # fmt: skip
-        return grad_query, grad_doc, grad_scale, None, None, None, None, None
+        return (
+            grad_query if needs_query else None,
+            grad_doc if needs_doc else None,
+            grad_scale if needs_scale else None,
+            None, None, None, None, None,
+        )  # fmt: skip
 
 
 class _LogitsStatsFunction(torch.autograd.Function):
@@ -933,18 +1201,19 @@ def _check_loss_inputs(
     _checks.check_embeddings(query, "query")
     n, k = query.shape
     _checks.check_embeddings(doc, "doc", rows=n, width=k)
-    _checks.check_weights(weights, n, validate)
+    _checks.check_weights(weights, n, validate=False)
     _checks.check_ids(query_ids, n, "query_ids")
     _checks.check_ids(doc_ids, n, "doc_ids")
-    _checks.check_logit_scale(logit_scale, validate)
+    _checks.check_logit_scale(logit_scale, validate=False)
     _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
     _checks.check_same_device(
         query=query, doc=doc, weights=weights, query_ids=query_ids, doc_ids=doc_ids,
         logit_scale=logit_scale if isinstance(logit_scale, torch.Tensor) else None,
     )  # fmt: skip
-    if _checks.should_validate(validate):
-        _checks.check_values(query, "query", nonzero_rows=normalize)
-        _checks.check_values(doc, "doc", nonzero_rows=normalize)
+    if _checks.should_validate(validate):  # one device synchronisation for all of them
+        _checks.check_all_values(
+            [("query", query, normalize), ("doc", doc, normalize)], weights, logit_scale
+        )
 
 
 def gcl_loss(
@@ -1032,12 +1301,12 @@ def gcl_loss_from_logits(
     n = logits.shape[0]
     if n == 0:
         raise ValueError("logits is an empty batch (N = 0): the loss needs at least one pair")
-    _checks.check_weights(weights, n, validate)
+    _checks.check_weights(weights, n, validate=False)
     _checks.check_ids(query_ids, n, "query_ids")
     _checks.check_ids(doc_ids, n, "doc_ids")
     _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
-    if _checks.should_validate(validate):
-        _checks.check_values(logits, "logits")
+    if _checks.should_validate(validate):  # one device synchronisation
+        _checks.check_all_values([("logits", logits, False)], weights)
 
     if resolve_backend(impl, logits) == "triton":
         neg_row, neg_col, positive_logits = _LogitsStatsFunction.apply(logits, query_ids, doc_ids)

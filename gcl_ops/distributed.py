@@ -103,7 +103,10 @@ class _MergeLSE(torch.autograd.Function):
         return grad_merged * weights
 
 
-def _check_equal_sizes(n_local: int, device: torch.device, group) -> None:
+def check_equal_sizes(n_local: int, device: torch.device, group) -> None:
+    """Raise ``ValueError`` unless every rank holds ``n_local`` pairs (no-op on one process)."""
+    if world_size(group) == 1:
+        return
     sizes = gather_no_grad(torch.tensor([n_local], device=device), group)
     if bool((sizes != n_local).any()):
         raise ValueError(
@@ -150,7 +153,7 @@ def distributed_gcl_loss(
     )
     n_local, size = query.shape[0], world_size(group)
     if size > 1 and _checks.should_validate(validate):
-        _check_equal_sizes(n_local, query.device, group)
+        check_equal_sizes(n_local, query.device, group)
     offset = rank(group) * n_local
     all_docs = gather_with_grad(doc, group)
     all_query_ids = None if query_ids is None else gather_no_grad(query_ids, group)

@@ -109,10 +109,8 @@ def multi_field_gcl_loss(
     _check_fields(rhs, "rhs", _check_fields(lhs, "lhs", None))
     gamma_l = _field_gammas(lhs_gamma, len(lhs), "lhs_gamma")
     gamma_r = _field_gammas(rhs_gamma, len(rhs), "rhs_gamma")
-    if _checks.should_validate(validate):
-        for name, fields in (("lhs", lhs), ("rhs", rhs)):
-            for index, field in enumerate(fields):
-                _checks.check_values(field, f"{name}[{index}]", nonzero_rows=True)
+    _checks.check_weights(weights, lhs[0].shape[0], validate=False)  # shapes and types
+    _checks.check_logit_scale(logit_scale, validate=False)
 
     field_dtype = functools.reduce(torch.promote_types, (f.dtype for f in (*lhs, *rhs)))
     work_dtype = torch.promote_types(field_dtype, torch.float32)
@@ -120,10 +118,19 @@ def multi_field_gcl_loss(
     rhs_hat = [F.normalize(field.to(work_dtype), dim=-1) for field in rhs]
     lhs_avg = weighted_field_average(lhs_hat, gamma_l)
     rhs_avg = weighted_field_average(rhs_hat, gamma_r)
-    if renormalize and _checks.should_validate(validate):
-        # Opposite fields can cancel: an average of zero norm has no direction.
-        _checks.check_values(lhs_avg, "the lhs field average", nonzero_rows=True)
-        _checks.check_values(rhs_avg, "the rhs field average", nonzero_rows=True)
+    if _checks.should_validate(validate):  # every value check of the call, one sync
+        named = [(f"{side}[{i}]", field, True) for side, fields in (("lhs", lhs), ("rhs", rhs))
+                 for i, field in enumerate(fields)]  # fmt: skip
+        if renormalize:  # opposite fields can cancel: an average of zero norm has no direction
+            named += [
+                ("the lhs field average", lhs_avg, True),
+                ("the rhs field average", rhs_avg, True),
+            ]
+        _checks.check_all_values(named, weights, logit_scale)
+        if distributed:
+            from gcl_ops.distributed import check_equal_sizes
+
+            check_equal_sizes(lhs[0].shape[0], lhs[0].device, group)
 
     term = gcl_loss
     if distributed:
@@ -137,8 +144,8 @@ def multi_field_gcl_loss(
             left.to(field_dtype), right.to(field_dtype), weights, logit_scale, **options, **common
         )
 
-    # The first term validates the shared arguments (weights, ids, scale) once for all terms.
-    loss = loss_of(lhs_avg, rhs_avg, normalize=renormalize, validate=validate)
+    # The values were checked above; each term still checks shapes, ids and devices.
+    loss = loss_of(lhs_avg, rhs_avg, normalize=renormalize, validate=False)
     for left in lhs_hat:
         for right in rhs_hat:
             loss = loss + loss_of(left, right, normalize=False, validate=False)

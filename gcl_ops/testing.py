@@ -5,7 +5,8 @@
   ``duplicate_ids``.
 * ``assert_matches_reference(loss_fn, batch)``: checks a loss wrapper's value and its gradients
   w.r.t. the query, the documents and the logit scale against the materialised float64
-  definition in ``gcl_ops.reference``.
+  definition of the loss written out in this module (``definition_loss``), which shares no code
+  with the package's own paths.
 
 Example::
 
@@ -21,15 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Literal
 
 import torch
+from hypothesis import assume
 from hypothesis import strategies as st
 
-from gcl_ops.reference import Reduction, naive_gcl_loss
+Reduction = Literal["mean", "sum", "none"]
 
 __all__ = [
     "GCLBatch",
     "assert_matches_reference",
+    "definition_loss",
     "duplicate_ids",
     "gcl_batches",
     "logit_scales",
@@ -108,15 +112,29 @@ def pair_weights(n: int, max_value: float = 100.0) -> st.SearchStrategy[torch.Te
     )
 
 
-def duplicate_ids(n: int) -> st.SearchStrategy[torch.Tensor]:
-    """``(n,)`` int64 ids drawn from few distinct values, so that duplicates are common."""
+def duplicate_ids(n: int, min_distinct: int = 1) -> st.SearchStrategy[torch.Tensor]:
+    """``(n,)`` int64 ids drawn from few distinct values, so that duplicates are common.
+
+    ``min_distinct``: the ids take at least this many distinct values (at most ``n``).
+    """
+    lower = max(1, min(min_distinct, n))
 
     def ids_from(distinct: int) -> st.SearchStrategy[torch.Tensor]:
-        return st.lists(st.integers(0, distinct - 1), min_size=n, max_size=n).map(
-            lambda values: torch.tensor(values, dtype=torch.int64)
+        # ``lower`` positions get the values 0 .. lower-1, the others any of ``distinct`` values.
+        rest = st.lists(st.integers(0, distinct - 1), min_size=n - lower, max_size=n - lower)
+        return st.tuples(rest, st.permutations(range(n))).map(
+            lambda drawn: torch.tensor(list(range(lower)) + drawn[0], dtype=torch.int64)[
+                torch.tensor(drawn[1], dtype=torch.int64)
+            ]
         )
 
-    return st.integers(1, max(n, 1)).flatmap(ids_from)
+    if lower == 1:  # the original strategy (its examples stay reproducible)
+        return st.integers(1, max(n, 1)).flatmap(
+            lambda distinct: st.lists(st.integers(0, distinct - 1), min_size=n, max_size=n).map(
+                lambda values: torch.tensor(values, dtype=torch.int64)
+            )
+        )
+    return st.integers(lower, n).flatmap(ids_from)
 
 
 @st.composite
@@ -131,14 +149,22 @@ def gcl_batches(
     weights: bool | None = None,
     ids: bool | None = None,
     max_logit_scale: float = 100.0,
+    min_loss: float = 0.0,
 ) -> GCLBatch:
     """Random GCL batches: ``N`` in ``[min_n, max_n]``, ``k`` in ``[min_k, max_k]``.
 
     Documents are a random mix of their query and noise, so that positives stand out by a
     varying margin (the loss is not always near ``log N``). ``weights`` and ``ids``: True always,
     False never, None (default) sometimes.
+
+    ``min_loss > 0`` keeps away from the degenerate batches whose loss is 0 or nearly so (a single
+    pair, ids that leave no negative, all weights 0, a confident model at a large scale), where
+    an absolute tolerance hides relative errors: ``N >= 2``, at least one weight of 0.1 or more,
+    and only batches whose mean loss (``definition_loss`` in float64) is at least ``min_loss``.
+    Test those cases explicitly instead.
     """
-    n = draw(st.integers(min_n, max_n), label="N")
+    nontrivial = min_loss > 0
+    n = draw(st.integers(max(min_n, 2) if nontrivial else min_n, max_n), label="N")
     k = draw(st.integers(min_k, max_k), label="k")
     seed = draw(st.integers(0, 2**31 - 1), label="seed")
     alignment = draw(st.floats(0.0, 0.95), label="alignment")
@@ -150,14 +176,65 @@ def gcl_batches(
     doc = torch.where(doc.abs().sum(-1, keepdim=True) == 0, noise, doc)
     use_weights = draw(st.booleans()) if weights is None else weights
     use_ids = draw(st.booleans()) if ids is None else ids
-    return GCLBatch(
+    pair_w = draw(pair_weights(n)) if use_weights else None
+    if pair_w is not None and nontrivial and float(pair_w.max()) < 0.1:
+        pair_w[draw(st.integers(0, n - 1), label="heavy pair")] = draw(st.floats(0.1, 100.0))
+    batch = GCLBatch(
         query=query.to(dtype),
         doc=doc.to(dtype),
-        weights=draw(pair_weights(n)).to(dtype) if use_weights else None,
+        weights=None if pair_w is None else pair_w.to(dtype),
         logit_scale=draw(logit_scales(max_value=max_logit_scale), label="logit_scale"),
-        query_ids=draw(duplicate_ids(n)) if use_ids else None,
-        doc_ids=draw(duplicate_ids(n)) if use_ids else None,
+        query_ids=draw(duplicate_ids(n, min_distinct=2 if nontrivial else 1)) if use_ids else None,
+        doc_ids=draw(duplicate_ids(n, min_distinct=2 if nontrivial else 1)) if use_ids else None,
     )
+    if nontrivial:
+        value = definition_loss(
+            batch.query, batch.doc, batch.weights, batch.logit_scale, **batch.ids()
+        )
+        assume(float(value) >= min_loss)
+    return batch
+
+
+def definition_loss(
+    query: torch.Tensor,
+    doc: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    logit_scale: float | torch.Tensor = 1.0,
+    *,
+    query_ids: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """The GCL loss from its formula, materialised, in the inputs' dtype (pass float64 for the
+    ground truth); differentiable. Written out here, independent of the package's paths::
+
+        Z = t * Q^ @ D^.T                       (Q^ = Q / |Q| row by row when normalize)
+        Z[i, j] = -inf where j != i and query_ids or doc_ids of i and j are equal
+        L = -(1/2N) sum_i w_i (log softmax_row(Z)[i, i] + log softmax_col(Z)[i, i])
+
+    ``reduction="sum"`` is ``N L``; ``"none"`` gives the ``(N,)`` terms
+    ``-w_i / 2 (log softmax_row(Z)[i, i] + log softmax_col(Z)[i, i])``.
+    """
+    if normalize:
+        query = query / torch.linalg.vector_norm(query, dim=1, keepdim=True)
+        doc = doc / torch.linalg.vector_norm(doc, dim=1, keepdim=True)
+    z = (logit_scale * query) @ doc.T
+    n = z.shape[0]
+    same = torch.zeros(n, n, dtype=torch.bool, device=z.device)
+    for ids in (query_ids, doc_ids):
+        if ids is not None:
+            same = same | (ids.reshape(n, 1) == ids.reshape(1, n))
+    same = same & ~torch.eye(n, dtype=torch.bool, device=z.device)
+    z = z.masked_fill(same, float("-inf"))
+    diagonal = torch.arange(n, device=z.device)
+    log_p_row = z.log_softmax(dim=1)[diagonal, diagonal]
+    log_p_col = z.log_softmax(dim=0)[diagonal, diagonal]
+    w = torch.ones_like(log_p_row) if weights is None else weights.to(log_p_row.dtype)
+    per_pair = -0.5 * w * (log_p_row + log_p_col)
+    if reduction == "none":
+        return per_pair
+    return per_pair.sum() if reduction == "sum" else per_pair.sum() / n
 
 
 #: dtype -> (rtol, atol of the loss value, atol of the gradients); the value margins are Cut
@@ -186,7 +263,7 @@ def assert_matches_reference(
     tensors (``logit_scale`` as a 0-dim tensor that requires grad) and must return the loss for
     ``reduction`` (a scalar, or ``(N,)`` for ``"none"``). Its value and its gradients w.r.t.
     ``query``, ``doc`` and ``logit_scale``, under a random upstream gradient, are compared with
-    ``gcl_ops.reference.naive_gcl_loss`` in float64 (the ground truth) on the same inputs.
+    ``definition_loss`` in float64 (the ground truth) on the same inputs.
 
     The rule (Cut Cross-Entropy's): the error against the ground truth may be no worse than that
     of the naive PyTorch loss run in the batch's own dtype, plus a margin. Elementwise,
@@ -226,7 +303,7 @@ def assert_matches_reference(
         return [loss.detach(), *grads]
 
     def naive(query, doc, weights, scale, **ids):
-        return naive_gcl_loss(
+        return definition_loss(
             query, doc, weights, scale, reduction=reduction, normalize=normalize, **ids
         )
 

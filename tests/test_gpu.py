@@ -81,3 +81,33 @@ def test_fp32_matmul_precision_setting(precision: str) -> None:
 def test_triton_is_the_default_on_cuda() -> None:
     query, doc, weights, ids = _batch(256, 64)
     assert gcl_ops.contrastive.resolve_backend("auto", query) == "triton"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tensors_on_another_device_than_the_current_one(dtype: torch.dtype) -> None:
+    # Triton launches on the current device: the kernels must switch to the tensors' (cuda:1).
+    generator = torch.Generator().manual_seed(3)
+    query, doc = (torch.randn(300, 64, generator=generator) for _ in range(2))
+    weights = torch.rand(300, generator=generator)
+    want = _loss_and_grads_on(query, doc, weights, torch.float64, "cpu", "torch")
+    torch.cuda.set_device(0)
+    got = _loss_and_grads_on(query, doc, weights, dtype, "cuda:1", "triton")
+    assert torch.cuda.current_device() == 0
+    logits = (query @ doc.T).to("cuda:1", dtype).requires_grad_()
+    loss = gcl_ops.gcl_loss_from_logits(logits, weights.to("cuda:1"), impl="triton")
+    loss.backward()
+    reference = gcl_ops.gcl_loss_from_logits((query @ doc.T).double(), weights.double())
+    torch.testing.assert_close(loss.double().cpu(), reference, rtol=1e-2, atol=1e-3)
+    for name, g, w in zip(("loss", "query", "doc", "scale"), got, want):
+        error = float((g.double().cpu() - w).abs().max()) / max(float(w.abs().max()), 1e-30)
+        assert error < TOLERANCES[dtype], f"{name}: relative error {error:.2e}"
+
+
+def _loss_and_grads_on(query, doc, weights, dtype, device, impl):
+    q = query.to(device, dtype).requires_grad_()
+    d = doc.to(device, dtype).requires_grad_()
+    scale = torch.tensor(30.0, device=device, dtype=torch.float64 if dtype == torch.float64
+                         else torch.float32, requires_grad=True)  # fmt: skip
+    loss = gcl_ops.gcl_loss(q, d, weights.to(device, dtype), scale, impl=impl)
+    return [loss.detach(), *torch.autograd.grad(loss, (q, d, scale))]
