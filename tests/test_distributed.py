@@ -8,6 +8,8 @@ import torch.distributed as dist
 from distributed_workers import TwoTowers, ddp_cached_step_worker, global_batch, loss_worker, run
 
 import gcl_ops
+from gcl_ops import distributed
+from gcl_ops.contrastive import gcl_stats
 from gcl_ops.distributed import distributed_gcl_loss, gather_with_grad
 
 pytestmark = pytest.mark.skipif(
@@ -78,13 +80,15 @@ def test_triton_kernels_distributed(tmp_path) -> None:
         tmp_path,
         dict(n_local=n_local, reduction="mean", fields=2, impl="triton"),
     )
-    want_loss, want_grads, _ = single_process(world, n_local, 2, "mean", "torch")
+    want_loss, want_grads, want_scale = single_process(world, n_local, 2, "mean", "torch")
     torch.testing.assert_close(
         torch.stack([r["loss"] for r in ranks]).mean().double(), want_loss, rtol=1e-5, atol=1e-6
     )
     for field in range(2):
         got = torch.cat([r["grads"][field] for r in ranks]).double() / world
         torch.testing.assert_close(got, want_grads[field], rtol=1e-4, atol=1e-6)
+    got_scale = sum(r["scale_grad"] for r in ranks).double() / world
+    torch.testing.assert_close(got_scale, want_scale, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -127,3 +131,96 @@ def test_without_a_process_group_it_is_the_plain_loss() -> None:
         gcl_ops.gcl_loss(*args, query_ids=query_ids, doc_ids=doc_ids),
     )
     assert gather_with_grad(tensors[0]) is tensors[0]
+
+
+def simulated_ranks(monkeypatch, world: int, n_local: int, reduction: str, impl: str):
+    """Every rank's ``distributed_gcl_loss`` in this process, the collectives replaced by what
+    they return (the other ranks' documents, ids and partial column statistics, computed from
+    the same leaves, so gradients flow to their owners as the collectives' backward sends them).
+    Returns the ranks' losses and, per leaf, the sum over ranks of its gradient (what DDP's
+    all-reduce adds up before dividing by ``W``)."""
+    tensors, weights, query_ids, doc_ids, upstream = global_batch(world, n_local)
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    rows = [slice(r * n_local, (r + 1) * n_local) for r in range(world)]
+    queries = [tensors[0][s].to(dtype).requires_grad_() for s in rows]
+    docs = [tensors[1][s].to(dtype).requires_grad_() for s in rows]
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    qid_parts, did_parts = [query_ids[s] for s in rows], [doc_ids[s] for s in rows]
+    all_docs = torch.cat(docs)
+    partials = [
+        gcl_stats(
+            queries[r],
+            all_docs,
+            scale,
+            query_ids=query_ids,
+            doc_ids=doc_ids,
+            offset=r * n_local,
+            impl=impl,
+        )[1]  # fmt: skip
+        for r in range(world)
+    ]
+    current = {"rank": 0}
+
+    def gather_with_grad(x, group=None):
+        r = current["rank"]
+        if x is docs[r]:
+            return torch.cat([x if i == r else docs[i] for i in range(world)])
+        return torch.stack([x[0] if i == r else partials[i] for i in range(world)])
+
+    def gather_no_grad(x, group=None):
+        r = current["rank"]
+        if x is qid_parts[r]:
+            return query_ids
+        if x is did_parts[r]:
+            return doc_ids
+        return torch.cat([x] * world)
+
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: world)
+    monkeypatch.setattr(distributed, "rank", lambda group=None: current["rank"])
+    monkeypatch.setattr(distributed, "gather_with_grad", gather_with_grad)
+    monkeypatch.setattr(distributed, "gather_no_grad", gather_no_grad)
+    losses, total = [], 0.0
+    for r in range(world):
+        current["rank"] = r
+        loss = distributed_gcl_loss(
+            queries[r], docs[r], weights[rows[r]].to(dtype), scale, query_ids=qid_parts[r],
+            doc_ids=did_parts[r], reduction=reduction, impl=impl,
+        )  # fmt: skip
+        losses.append(loss.detach())
+        total = (
+            total + (loss * upstream[rows[r]].to(loss.dtype)).sum()
+            if reduction == "none"
+            else total + loss
+        )
+    leaves = [*queries, *docs, scale]
+    grads = torch.autograd.grad(total, leaves)
+    return losses, [torch.cat(grads[:world]), torch.cat(grads[world : 2 * world])], grads[-1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_world_size_scaling_fast(monkeypatch, world: int, reduction: str) -> None:
+    # In one process: the mean of the ranks' values is the single-process loss and each rank's
+    # gradients are W times its share (so DDP's average gives the single-process gradients);
+    # "none" returns the unscaled per-pair slices.
+    losses, grads, scale_grad = simulated_ranks(monkeypatch, world, 4, reduction, "torch")
+    want_loss, want_grads, want_scale = single_process(world, 4, 2, reduction, "torch")
+    if reduction == "none":
+        torch.testing.assert_close(torch.cat(losses), want_loss, rtol=1e-10, atol=1e-12)
+        divide = 1.0
+    else:
+        torch.testing.assert_close(torch.stack(losses).mean(), want_loss, rtol=1e-10, atol=1e-12)
+        divide = world
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got / divide, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(scale_grad / divide, want_scale, rtol=1e-9, atol=1e-12)
+
+
+def test_world_size_scaling_fast_triton(monkeypatch) -> None:
+    # The same through the rectangular kernels with offsets (interpreter without a GPU).
+    losses, grads, scale_grad = simulated_ranks(monkeypatch, 2, 9, "mean", "triton")
+    want_loss, want_grads, want_scale = single_process(2, 9, 2, "mean", "torch")
+    torch.testing.assert_close(torch.stack(losses).mean().double(), want_loss, rtol=1e-5, atol=0)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double() / 2, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scale_grad / 2, want_scale, rtol=1e-4, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -111,19 +112,32 @@ def test_cached_step_equals_full_batch_backprop(fields: int, chunk_size) -> None
         )
 
 
-def test_dropout_replay_is_what_makes_them_equal() -> None:
-    # Without the replayed random state, phase 3 would draw new dropout masks: the reference
-    # with other masks differs, so the equality above is not vacuous.
+def test_dropout_replay_is_what_makes_them_equal(monkeypatch) -> None:
+    # cached_step equals the reference because phase 3 replays each chunk's random state. With
+    # the replay disabled it draws new dropout masks and its gradients differ: the equality in
+    # test_cached_step_equals_full_batch_backprop is not vacuous.
+    import gcl_ops.grad_cache as grad_cache
+
     modules, logit_scale, inputs, weights, ids, parameters = make_setup(32)
+
+    def run_cached() -> list[torch.Tensor]:
+        for parameter in parameters:
+            parameter.grad = None
+        torch.manual_seed(1)
+        cached_step(modules[:2], inputs[:2], lambda e: loss_of(e, logit_scale, weights, ids, 1), 8)
+        return [p.grad.clone() for p in parameters if p.grad is not None]
+
     torch.manual_seed(1)
-    _, first = reference_gradients(
-        modules, logit_scale, inputs, weights, ids, parameters, [8, 8], 1
-    )
-    torch.manual_seed(2)
-    _, second = reference_gradients(
-        modules, logit_scale, inputs, weights, ids, parameters, [8, 8], 1
-    )
-    assert not torch.allclose(first[0], second[0], rtol=1e-3)
+    _, want = reference_gradients(modules, logit_scale, inputs, weights, ids, parameters, [8, 8], 1)
+    want = [g for g in want if g is not None]
+    replayed = run_cached()
+    for got, expected in zip(replayed, want):
+        torch.testing.assert_close(
+            got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())
+        )
+    monkeypatch.setattr(grad_cache.RandomState, "replay", lambda self: contextlib.nullcontext())
+    fresh_masks = run_cached()
+    assert not torch.allclose(fresh_masks[0], want[0], rtol=1e-3)
 
 
 def test_under_bf16_autocast() -> None:

@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import pytrec_eval
+import ranx
+import sklearn.metrics as sklearn_metrics
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -55,7 +58,6 @@ SEEDS = [0, 1, 2]
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_against_pytrec_eval(seed: int) -> None:
-    pytrec_eval = pytest.importorskip("pytrec_eval")
     qrels, run = random_evaluation(seed)
     ranked, judged = to_tensors(qrels, run)
     measures = {"ndcg_cut.10", "ndcg_cut.5", "recip_rank", "recall.10", "map_cut.10", "map_cut.20"}
@@ -75,7 +77,6 @@ def test_against_pytrec_eval(seed: int) -> None:
 
 
 def test_against_ranx() -> None:
-    ranx = pytest.importorskip("ranx")
     qrels, run = random_evaluation(3)
     # ranx needs at least one relevant judgement per query in its qrels: drop the empty query.
     qrels = {q: docs for q, docs in qrels.items() if any(g > 0 for g in docs.values())}
@@ -100,7 +101,6 @@ def test_against_ranx() -> None:
 
 @pytest.mark.parametrize("k", [3, 10, None])
 def test_against_scikit_learn_ndcg_score(k) -> None:
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(4)
     grades = rng.integers(0, 4, size=(30, 12)).astype(np.float64)
     grades[grades.sum(1) == 0, 0] = 1.0  # scikit-learn warns on all-zero rows

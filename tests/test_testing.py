@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import definition
 import pytest
 import torch
 from hypothesis import given
 
 import gcl_ops
-from gcl_ops.testing import GCLBatch, assert_matches_reference, gcl_batches
+from gcl_ops.testing import GCLBatch, assert_matches_reference, definition_loss, gcl_batches
 
 
 @given(batch=gcl_batches(max_n=20))
@@ -69,3 +70,26 @@ def test_reduction_none_is_checked_per_pair() -> None:
     swapped = lambda q, d, w, t, **ids: good(q, d, w, t, **ids).flip(0)  # noqa: E731
     with pytest.raises(AssertionError, match="loss value"):
         assert_matches_reference(swapped, _batch(), reduction="none")
+
+
+@given(batch=gcl_batches(max_n=24))
+def test_its_definition_agrees_with_the_tests_definition(batch: GCLBatch) -> None:
+    # Two definitions written independently (gcl_ops.testing, tests/definition.py).
+    for reduction in ("mean", "sum", "none"):
+        got = definition_loss(
+            batch.query, batch.doc, batch.weights, batch.logit_scale, reduction=reduction,
+            **batch.ids(),
+        )  # fmt: skip
+        want = definition.loss(
+            batch.query, batch.doc, batch.weights, batch.logit_scale, reduction=reduction,
+            **batch.ids(),
+        )  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+@given(batch=gcl_batches(max_n=20, min_loss=0.1))
+def test_min_loss_keeps_away_from_degenerate_batches(batch: GCLBatch) -> None:
+    assert batch.n >= 2
+    assert batch.weights is None or float(batch.weights.max()) >= 0.1
+    assert float(definition.loss(batch.query, batch.doc, batch.weights, batch.logit_scale,
+                                 **batch.ids())) >= 0.1  # fmt: skip
