@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from params import DEVICE
 
 import gcl_ops
+from gcl_ops.reference import naive_gcl_loss
 from gcl_ops.testing import GCLBatch, gcl_batches
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -92,12 +93,22 @@ def check_against_definition(
         for index, x in ((1, batch64.query), (2, batch64.doc)):
             unprojected = raw[index].abs().max() / x.norm(dim=-1).min()
             sizes[index] = max(sizes[index], float(unprojected))
+    # fp32: sums that cancel (d logit_scale under a random upstream gradient) lose digits in any
+    # fp32 implementation, so an entry may also be off by twice what naive fp32 PyTorch is off
+    # (the naive loss serves as the yardstick only; the truth stays the float64 definition).
+    yardstick = [torch.zeros_like(t) for t in truth]
+    if dtype == torch.float32:
+        naive = loss_and_grads(
+            functools.partial(naive_gcl_loss, reduction=reduction, normalize=normalize),
+            batch, upstream, scale_dtype,
+        )  # fmt: skip
+        yardstick = [2 * (n - t).abs() for n, t in zip(naive, truth)]
     value_rtol, value_margin, grad_rtol, grad_margin = TOLERANCES[dtype]
     for index, (name, g, t) in enumerate(zip(NAMES, got, truth)):
         rtol, margin = (value_rtol, value_margin) if index == 0 else (grad_rtol, grad_margin)
         assert g.shape == t.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(t.shape)}"
         size = sizes[index]
-        excess = (g - t).abs() - rtol * t.abs() - margin * size
+        excess = (g - t).abs() - rtol * t.abs() - margin * size - yardstick[index]
         worst = int(excess.reshape(-1).argmax())
         assert float(excess.reshape(-1)[worst]) <= 0, (
             f"{name} ({dtype}): {float(g.reshape(-1)[worst]):.9g} vs truth "
