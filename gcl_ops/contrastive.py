@@ -50,7 +50,13 @@ from torch import nn
 
 from gcl_ops import _checks, reference
 from gcl_ops._triton import HAS_TRITON, interpreting, tl, triton
-from gcl_ops.reference import Reduction, naive_masked_lse, reduce_loss
+from gcl_ops.reference import (  # the fixed shift and the underflow threshold: one place
+    SHIFT_HEADROOM,
+    TINY_SUM,
+    Reduction,
+    naive_masked_lse,
+    reduce_loss,
+)
 
 Impl = Literal["auto", "triton", "torch"]
 
@@ -58,17 +64,6 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), x alread
 LN2 = tl.constexpr(0.6931471805599453)
 #: The Triton path keeps whole embedding rows on chip; wider embeddings take the PyTorch path.
 MAX_TRITON_K = 1024
-#: The forward pass sums ``exp(Z - shift)`` with ``shift = max(0, bound - 64)``, ``bound >= |Z|``:
-#: every term is at most e^64, so up to fp32max / e^64 = 3.4e38 / 6.2e27 = 5.5e10 (about 2^35.7)
-#: of them stay finite in fp32.
-SHIFT_HEADROOM = 64.0
-#: A row or column sum below this (about e^-46) may have lost precision to underflow, or has no
-#: negative at all: its log-sum-exp is recomputed exactly with an online maximum. On the GPU
-#: ``tl.exp2`` is ``ex2.approx.ftz``: each term below the smallest normal fp32, 2^-126 = 1.2e-38,
-#: may be flushed to 0, so a sum of M terms may lose up to M * 1.2e-38 (the interpreter keeps
-#: denormals and does not show it). For a relative loss below 1e-6 at the largest M that the
-#: shift allows (5.5e10, above), a kept sum must be at least 5.5e10 * 1.2e-38 / 1e-6 = 6.5e-22.
-TINY_SUM = 1e-20
 #: The fp16 backward scales ``dS`` by ``2^e`` before the cast, ``|e|`` at most this: a row block
 #: whose bound on ``|dS|`` is below ``2^(14 - 100)`` (8e-27) is scaled by 2^100 only.
 MAX_FP16_EXPONENT = tl.constexpr(100)

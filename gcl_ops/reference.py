@@ -61,12 +61,16 @@ BLOCK_ELEMENTS = 1 << 20
 #: The same on a GPU (256 MiB in fp32), where the PyTorch path runs for fp64 or very wide ``k``:
 #: fewer, larger tiles keep the Python loop short.
 CUDA_BLOCK_ELEMENTS = 1 << 26
-#: As in the Triton path (``gcl_ops.contrastive``): sums of ``exp(Z - shift)`` with
-#: ``shift = max(0, bound - SHIFT_HEADROOM)``, ``bound >= |Z|``, so that every term is at most
-#: e^64 and up to about 2^35.7 of them stay finite in fp32.
+#: Both paths (this one and the Triton kernels) sum ``exp(Z - shift)`` with ``shift = max(0, bound - 64)``, ``bound >= |Z|``:
+#: every term is at most e^64, so up to fp32max / e^64 = 3.4e38 / 6.2e27 = 5.5e10 (about 2^35.7)
+#: of them stay finite in fp32.
 SHIFT_HEADROOM = 64.0
-#: A shifted sum below this (about e^-46) may have lost precision to underflow, or has no term:
-#: that statistic is recomputed exactly (forward), resp. its gradient term (backward).
+#: A row or column sum below this (about e^-46) may have lost precision to underflow, or has no
+#: negative at all: its log-sum-exp is recomputed exactly with an online maximum. On the GPU
+#: ``tl.exp2`` is ``ex2.approx.ftz``: each term below the smallest normal fp32, 2^-126 = 1.2e-38,
+#: may be flushed to 0, so a sum of M terms may lose up to M * 1.2e-38 (the interpreter keeps
+#: denormals and does not show it). For a relative loss below 1e-6 at the largest M that the
+#: shift allows (5.5e10, above), a kept sum must be at least 5.5e10 * 1.2e-38 / 1e-6 = 6.5e-22.
 TINY_SUM = 1e-20
 
 
