@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gcl_ops  # noqa: E402
-from gcl_ops import contrastive  # noqa: E402
+from gcl_ops import ops  # noqa: E402
 from gcl_ops.reference import naive_gcl_loss  # noqa: E402
 
 
@@ -48,12 +48,12 @@ def _reference(module):
     if module is None:
         yield
         return
-    saved = contrastive.reference
-    contrastive.reference = module
+    saved = ops.reference
+    ops.reference = module
     try:
         yield
     finally:
-        contrastive.reference = saved
+        ops.reference = saved
 
 
 def loss_functions(baseline) -> dict[str, Callable]:

@@ -9,7 +9,7 @@ report per variant: registers, spills and shared memory (from ptxas), wgmma or m
 
 What is compiled is what launches (issue 9: declaring every integer a plain i32, as this script
 once did, compiles other code: 255 registers and spills for the bf16 forward, where the launched
-specialisation has none). The launchers of ``gcl_ops.contrastive`` are *called*, on ``meta``
+specialisation has none). The launchers of ``gcl_ops.ops`` are *called*, on ``meta``
 tensors (shapes and strides, no memory) for a contiguous ``(N, k)`` problem (``--n``, default
 32768, as many rows as columns, offset 0), with every kernel replaced by a recorder; the
 arguments, the constexprs (tile sizes from ``_tile_sizes``, ``K_PAD`` from ``_k_pad``,
@@ -83,7 +83,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # triton prints its own ptxas -v (captured below)
 
-from gcl_ops import contrastive  # noqa: E402
+from gcl_ops import ops  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 232448  # bytes per block on H100 / H200 (227 KiB)
@@ -137,11 +137,11 @@ class _Recorder:
         return launch
 
 
-_num_splits = contrastive._num_splits
+_num_splits = ops._num_splits
 
 
 def _h100_num_splits(n_rows, n_cols, block_m, block_n, device):
-    """``contrastive._num_splits`` as it answers on an H100 (its CUDA branch, 132 SMs)."""
+    """``ops._num_splits`` as it answers on an H100 (its CUDA branch, 132 SMs)."""
     properties = types.SimpleNamespace(multi_processor_count=H100_SMS)
     with mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties):
         return _num_splits(n_rows, n_cols, block_m, block_n, torch.device("cuda"))
@@ -158,14 +158,12 @@ def recording(launches: list[Launch], precision: str, tile_sizes=None):
     }
     with contextlib.ExitStack() as stack:
         for name in KERNELS:
-            recorder = _Recorder(getattr(contrastive, name), launches, roles)
-            stack.enter_context(mock.patch.object(contrastive, name, recorder))
-        stack.enter_context(mock.patch.object(contrastive, "_num_splits", _h100_num_splits))
-        stack.enter_context(
-            mock.patch.object(contrastive, "_allow_tf32", lambda: precision == "tf32")
-        )
+            recorder = _Recorder(getattr(ops, name), launches, roles)
+            stack.enter_context(mock.patch.object(ops, name, recorder))
+        stack.enter_context(mock.patch.object(ops, "_num_splits", _h100_num_splits))
+        stack.enter_context(mock.patch.object(ops, "_allow_tf32", lambda: precision == "tf32"))
         if tile_sizes is not None:
-            stack.enter_context(mock.patch.object(contrastive, "_tile_sizes", tile_sizes))
+            stack.enter_context(mock.patch.object(ops, "_tile_sizes", tile_sizes))
         yield
 
 
@@ -181,11 +179,11 @@ def embedding_launches(n: int, k: int, dtype: str, precision: str, normalize: bo
     doc_ids = torch.empty(n, dtype=torch.int64, **meta) if has_did else None
     launches: list[Launch] = []
     with recording(launches, precision, tile_sizes):
-        neg_row, neg_col, pos, row_parts, col_parts = contrastive._triton_stats_forward(
+        neg_row, neg_col, pos, row_parts, col_parts = ops._triton_stats_forward(
             query, doc, scale, query_ids, doc_ids, 0, normalize
         )
         grads = [torch.empty_like(x) for x in (neg_row, neg_col, pos)]
-        contrastive._triton_stats_backward(
+        ops._triton_stats_backward(
             query, doc, scale, query_ids, doc_ids, neg_row, neg_col, *grads, 0, normalize,
             needs_grad=(True, True, True), row_parts=row_parts, col_parts=col_parts,
         )  # fmt: skip
@@ -200,9 +198,9 @@ def logits_launches(n: int, dtype: str, ids: str) -> list[Launch]:
     doc_ids = torch.empty(n, dtype=torch.int64, **meta) if has_did else None
     launches: list[Launch] = []
     with recording(launches, "ieee"):
-        neg_row, neg_col, pos = contrastive._triton_logits_forward(logits, query_ids, doc_ids)
+        neg_row, neg_col, pos = ops._triton_logits_forward(logits, query_ids, doc_ids)
         grads = [torch.empty_like(x) for x in (neg_row, neg_col, pos)]
-        contrastive._triton_logits_backward(
+        ops._triton_logits_backward(
             logits, query_ids, doc_ids, neg_row, neg_col, *grads
         )  # fmt: skip
     return launches
@@ -368,7 +366,7 @@ def sweep_variants(args) -> list[tuple[dict, Launch]]:
     for k, dtype, block_m, block_n in itertools.product(
         args.k, [d for d in ("bf16", "fp32") if d in args.dtype], (32, 64, 128), (32, 64, 128)
     ):
-        block_k = min(contrastive._k_pad(k), 64 if dtype == "bf16" else 32)
+        block_k = min(ops._k_pad(k), 64 if dtype == "bf16" else 32)
 
         def tiles(k_pad, element_size, backward, block_m=block_m, block_n=block_n,
                   block_k=block_k):  # fmt: skip

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from gcl_ops import _checks
-from gcl_ops.contrastive import Impl, _check_loss_inputs, gcl_stats, per_pair_loss
+from gcl_ops.autograd import Impl, _check_loss_inputs, gcl_stats, per_pair_loss
 from gcl_ops.reference import Reduction, reduce_loss
 
 

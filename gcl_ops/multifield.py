@@ -24,6 +24,7 @@ from torch import nn
 
 from gcl_ops import _checks
 from gcl_ops.contrastive import Impl, gcl_loss
+from gcl_ops.distributed import check_equal_sizes, distributed_gcl_loss
 from gcl_ops.reference import Reduction
 
 
@@ -128,14 +129,10 @@ def multi_field_gcl_loss(
             ]
         _checks.check_all_values(named, weights, logit_scale)
         if distributed:
-            from gcl_ops.distributed import check_equal_sizes
-
             check_equal_sizes(lhs[0].shape[0], lhs[0].device, group)
 
     term = gcl_loss
     if distributed:
-        from gcl_ops.distributed import distributed_gcl_loss
-
         term = functools.partial(distributed_gcl_loss, group=group)
     common = dict(query_ids=query_ids, doc_ids=doc_ids, reduction=reduction, impl=impl)
 

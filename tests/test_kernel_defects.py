@@ -18,7 +18,7 @@ from params import DEVICE, IMPLS
 from test_stats import MARGINS, make_problem
 
 import gcl_ops
-from gcl_ops import contrastive
+from gcl_ops import contrastive, ops
 from gcl_ops.reference import naive_gcl_stats
 
 # ------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def test_newer_fp32_precision_api(impl, restore_matmul_precision) -> None:
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     with pytest.raises(RuntimeError):  # what the flags used to call
         torch.get_float32_matmul_precision()
-    assert contrastive._kernel_flags(x)["INPUT_PRECISION"] == "tf32"
+    assert ops._kernel_flags(x)["INPUT_PRECISION"] == "tf32"
     # The loss and its gradients run under the newer setting.
     query, doc, _ = make_problem(20, 20, 16, 0, with_ids=False, seed=3)
     query = query.float().to(DEVICE).requires_grad_()
@@ -59,13 +59,13 @@ def test_newer_fp32_precision_api(impl, restore_matmul_precision) -> None:
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(query.grad).all()
     torch.backends.cuda.matmul.fp32_precision = "ieee"
-    assert contrastive._kernel_flags(x)["INPUT_PRECISION"] == "ieee"
+    assert ops._kernel_flags(x)["INPUT_PRECISION"] == "ieee"
     # "none" defers to the legacy setting.
     torch.backends.cuda.matmul.fp32_precision = "none"
     torch.backends.fp32_precision = "none"
     for legacy, expected in (("highest", "ieee"), ("high", "tf32")):
         torch.set_float32_matmul_precision(legacy)
-        assert contrastive._kernel_flags(x)["INPUT_PRECISION"] == expected
+        assert ops._kernel_flags(x)["INPUT_PRECISION"] == expected
 
 
 # ------------------------------------------------------------------------------------------
@@ -186,8 +186,8 @@ _OFFSETS_CHECK = """
 import re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gcl_ops import contrastive
-for kernel in (contrastive._logits_stats_kernel, contrastive._logits_grad_kernel):
+from gcl_ops.kernels.logits import _logits_grad_kernel, _logits_stats_kernel
+for kernel in (_logits_stats_kernel, _logits_grad_kernel):
     names = list(kernel.arg_names)
     types = {n: "*fp32" for n in names if n.endswith("_ptr")}
     types.update(qid_ptr="*i64", did_ptr="*i64")
@@ -228,7 +228,7 @@ def test_int32_offsets_copy_only_odd_layouts() -> None:
     def strided(size, stride):
         return torch.empty_strided(size, stride, device="meta")
 
-    fit = contrastive._fit_int32_offsets
+    fit = ops._fit_int32_offsets
     dense = strided((50_000, 50_000), (50_000, 1))
     assert fit(dense, 128, 64) is dense  # 127 * 50,000 + 63: a contiguous matrix never copies
     transposed = strided((50_000, 50_000), (1, 50_000))
@@ -262,8 +262,8 @@ class _CountingKernel:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("frozen", ["doc", "query"])
 def test_frozen_tower_gets_no_gradient_pass(impl, frozen, monkeypatch) -> None:
-    counter = _CountingKernel(contrastive._stats_bwd_kernel)
-    monkeypatch.setattr(contrastive, "_stats_bwd_kernel", counter)
+    counter = _CountingKernel(ops._stats_bwd_kernel)
+    monkeypatch.setattr(ops, "_stats_bwd_kernel", counter)
     query, doc, ids = make_problem(30, 30, 24, 0, with_ids=True, seed=5)
     weights = torch.rand(30, dtype=torch.float64)
 

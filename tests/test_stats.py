@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from params import DEVICE, IMPLS, SHAPES
 
 import gcl_ops
-from gcl_ops import contrastive, reference
+from gcl_ops import contrastive, ops, reference
 from gcl_ops.contrastive import gcl_stats
 
 MARGINS = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -390,17 +390,17 @@ def test_logits_form_large_logits(n, max_logit, with_ids, seed) -> None:
 
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    if not contrastive._INTERPRETING:
+    if not ops._INTERPRETING:
         return  # on a GPU the launchers pick them anyway
-    kernel_flags = contrastive._kernel_flags
+    kernel_flags = ops._kernel_flags
 
     def flags(x):
         return {**kernel_flags(x), "UPCAST": x.dtype == torch.bfloat16}
 
-    monkeypatch.setattr(contrastive, "_kernel_flags", flags)
-    monkeypatch.setattr(contrastive, "_INTERPRETING", False)
+    monkeypatch.setattr(ops, "_kernel_flags", flags)
+    monkeypatch.setattr(ops, "_INTERPRETING", False)
     # The tile sizes the launchers will now use: the GPU's, not the interpreter's 32 x 32 x 16.
-    assert contrastive._tile_sizes(64, 4, backward=False)["BLOCK_N"] == 128
+    assert ops._tile_sizes(64, 4, backward=False)["BLOCK_N"] == 128
 
 
 @pytest.mark.parametrize(
@@ -453,9 +453,9 @@ def test_fp32_dots_follow_the_pytorch_matmul_precision() -> None:
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert contrastive._kernel_flags(x)["INPUT_PRECISION"] == "ieee"
+        assert ops._kernel_flags(x)["INPUT_PRECISION"] == "ieee"
         torch.set_float32_matmul_precision("high")
-        assert contrastive._kernel_flags(x)["INPUT_PRECISION"] == "tf32"
+        assert ops._kernel_flags(x)["INPUT_PRECISION"] == "tf32"
     finally:
         torch.set_float32_matmul_precision(previous)
 

@@ -1,0 +1,483 @@
+"""Launchers of the Triton kernels and the custom ops ``gcl_ops::*`` that dispatch to them or to
+the blocked PyTorch path of ``gcl_ops.reference``.
+
+The launchers check nothing but shapes and allocate. The custom ops are opaque to
+``torch.compile`` (no graph break); registering them is a side effect of importing this module.
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from gcl_ops import reference
+from gcl_ops._triton import interpreting, triton
+from gcl_ops.kernels.logits import _logits_grad_kernel, _logits_stats_kernel
+from gcl_ops.kernels.stats_backward import _stats_bwd_kernel
+from gcl_ops.kernels.stats_forward import _online_lse_kernel, _stats_fwd_kernel
+from gcl_ops.reference import (  # the fixed shift and the underflow threshold: one place
+    SHIFT_HEADROOM,
+    TINY_SUM,
+)
+
+#: The Triton path keeps whole embedding rows on chip; wider embeddings take the PyTorch path.
+MAX_TRITON_K = 1024
+
+
+# ==============================================================================================
+# Launchers
+# ==============================================================================================
+
+#: Whether the kernels were defined under the Triton interpreter (TRITON_INTERPRET=1).
+_INTERPRETING = interpreting(_stats_fwd_kernel)
+
+
+def _k_pad(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
+
+
+def _tile_sizes(k_pad: int, element_size: int, backward: bool) -> dict[str, int]:
+    """Tile sizes and warps for a problem of (padded) width ``k_pad``.
+
+    The similarity tile is a ``BLOCK_M x BLOCK_N`` GEMM over ``k`` in ``BLOCK_K`` slices; the
+    backward also keeps a ``BLOCK_M x k_pad`` fp32 gradient accumulator in registers and loads
+    ``BLOCK_N x k_pad`` column tiles for ``dS @ C``. The sizes are the largest that ptxas
+    compiles for Hopper (sm_90a) without register spills, or with the fewest (k = 1024), from
+    ``benchmarks/static_tile_check.py --sweep``; they are not yet tuned by timing on a GPU. The
+    interpreter gets small tiles: few programs, while ragged tiles and k slices are exercised.
+    """
+    if _INTERPRETING:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
+    block_k = min(k_pad, 64 if element_size <= 2 else 32)
+    if not backward:
+        if element_size <= 2:
+            return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=8)
+    block_m = 16 if k_pad >= 1024 else 32
+    block_n = 64 if k_pad <= 256 else 32
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
+
+
+def _num_splits(n_rows: int, n_cols: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """Column splits so that the forward grid has about four programs per SM."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter: two splits exercise the atomic row sums too
+        target = 2 * triton.cdiv(n_rows, block_m)
+    return max(
+        1, min(triton.cdiv(n_cols, block_n), triton.cdiv(target, triton.cdiv(n_rows, block_m)))
+    )
+
+
+def _allow_tf32() -> bool:
+    """Whether the user lets fp32 matmuls use TF32. The newer setting
+    ``torch.backends.cuda.matmul.fp32_precision`` ("ieee", "tf32", or "none": defer to the legacy
+    one) comes first: once it is set, the legacy ``torch.get_float32_matmul_precision()`` raises."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _kernel_flags(x: torch.Tensor) -> dict:
+    """Compile-time switches that depend on the dtype and the user's fp32 matmul setting."""
+    return dict(
+        INPUT_PRECISION="tf32" if _allow_tf32() else "ieee",
+        UPCAST=_INTERPRETING and x.dtype == torch.bfloat16,
+    )
+
+
+#: Offsets within a tile are int32 (``_row_offsets``, ``_tile_pointers``): each launcher makes
+#: sure that ``sum_d (extent_d - 1) stride_d`` fits, over the extents a tile spans.
+_INT32_OFFSETS = 2**31
+
+
+def _fit_int32_offsets(x: torch.Tensor, *extents: int) -> torch.Tensor:
+    """``x``, or a contiguous copy of it where the int32 offsets within a tile could overflow:
+    a tile spans ``extents[d]`` indices along dimension ``d`` (0 for a dimension the kernel
+    addresses in int64). Only odd layouts copy, such as an ``(N, k)`` view of a ``(k, N)``
+    matrix with N above 2^31 / k; a contiguous operand has ``(k - 1) * 1`` or, for an
+    ``(N, N)`` logits matrix, ``127 (N + 1)``, far inside int32 at any size that fits memory."""
+    span = sum(max(extent - 1, 0) * stride for extent, stride in zip(extents, x.stride()))
+    return x if span < _INT32_OFFSETS else x.contiguous()
+
+
+def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the *current* CUDA device: make it ``x``'s (nothing to do on CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _ids_arguments(
+    query_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, offset: int, n_rows: int,
+    placeholder: torch.Tensor, swap: bool,
+) -> tuple[list[torch.Tensor], dict]:  # fmt: skip
+    """Kernel pointers ``(row_qid, row_did, col_qid, col_did)`` and flags. Ids are ``(M,)``, one
+    per column; row ``i`` carries those of column ``offset + i``. ``swap``: rows are documents."""
+    pointers = []
+    for ids in (query_ids, doc_ids):
+        if ids is None:
+            pointers.append((placeholder, placeholder))
+            continue
+        ids = ids.contiguous()
+        query_side = ids[offset : offset + n_rows]
+        pointers.append((ids, query_side) if swap else (query_side, ids))
+    (row_qid, col_qid), (row_did, col_did) = pointers
+    flags = dict(HAS_QID=query_ids is not None, HAS_DID=doc_ids is not None)
+    return [row_qid, row_did, col_qid, col_did], flags
+
+
+def _inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """fp32 ``1 / |x_i|``; without normalisation a placeholder the kernels never read."""
+    inverse = reference.inverse_norms(x, normalize, dtype=torch.float32)
+    return torch.ones(1, device=x.device) if inverse is None else inverse
+
+
+def _oriented(
+    query: torch.Tensor, doc: torch.Tensor, inv_query: torch.Tensor, inv_doc: torch.Tensor,
+    query_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, offset: int,
+    placeholder: torch.Tensor, swap: bool,
+) -> tuple:  # fmt: skip
+    """The problem as a row-owning kernel sees it: rows are the queries, or with ``swap`` the
+    documents (whose positive is query ``j - offset``). Returns ``(rows, cols, inv_rows,
+    inv_cols, id pointers, id flags, diag_offset)``."""
+    pointers, flags = _ids_arguments(query_ids, doc_ids, offset, query.shape[0], placeholder, swap)
+    if swap:
+        return doc, query, inv_doc, inv_query, pointers, flags, -offset
+    return query, doc, inv_query, inv_doc, pointers, flags, offset
+
+
+def _triton_stats_forward(
+    query: torch.Tensor,
+    doc: torch.Tensor,
+    scale: torch.Tensor,
+    query_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    offset: int,
+    normalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(neg_row, neg_col, pos)`` and, for the backward, ``lse / t`` of the rows and of the
+    columns as ``(2, N)`` / ``(2, M)`` fp32 pairs ``hi + lo`` (``_lse_parts``)."""
+    (n, k), m = query.shape, doc.shape[0]
+    query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
+    f32 = dict(device=query.device, dtype=torch.float32)
+    scale = scale.detach().to(**f32).reshape(1)
+    scale64 = scale.double()
+    inv_query, inv_doc = _inverse_norms(query, normalize), _inverse_norms(doc, normalize)
+    bound = scale64  # |Z| <= t for unit vectors, else |Z| <= t * max|q| * max|d|
+    if not normalize:
+        for x in (query, doc):
+            bound = bound * torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).max()
+    # The shift in cosine units, sigma = shift / t (the kernels subtract it from S, not Z).
+    shift_cosine = ((bound - SHIFT_HEADROOM).clamp_min(0.0) / scale64).float().reshape(1)
+    exp_scale64 = scale64 * 1.4426950408889634  # t log2(e), as hi + lo for the kernel
+    exp_scale = exp_scale64.float()
+    exp_scale_lo = (exp_scale64 - exp_scale.double()).float()
+    shift_arguments = torch.cat([shift_cosine, exp_scale.reshape(1), exp_scale_lo.reshape(1)])
+    row_sum, col_sum, pos = torch.zeros(n, **f32), torch.zeros(m, **f32), torch.zeros(n, **f32)
+
+    tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=False)
+    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    splits = _num_splits(n, m, block_m, block_n, query.device)
+    id_pointers, id_flags = _ids_arguments(query_ids, doc_ids, offset, n, row_sum, swap=False)
+    constants = dict(NORMALIZE=normalize, **tiles, **id_flags, **_kernel_flags(query))
+    problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, row_sum)
+    _stats_fwd_kernel[(triton.cdiv(n, block_m), splits)](
+        query, doc, inv_query, inv_doc, *id_pointers, scale, shift_arguments, row_sum, col_sum, pos,
+        query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
+        n, m, k, offset, splits, **constants,
+    )  # fmt: skip
+    # lse = t sigma + log(sum) in float64, rounded to fp32 once (the output) and split into two
+    # fp32 parts for the backward: at |lse| ~ 300 one fp32 rounding is up to 1.5e-5, a relative
+    # error of every P = exp(Z - lse) that the backward would sum up t-fold.
+    shift64 = scale64 * shift_cosine.double()
+    results = []
+    for swap, sums in ((False, row_sum), (True, col_sum)):
+        lse = torch.log(sums.double()) + shift64
+        # Rows and columns whose sum underflowed (or that have no negative): exact recomputation
+        # with a running maximum, finished here in float64 as well.
+        redo = (sums < TINY_SUM) | ~torch.isfinite(sums)
+        parts = torch.zeros(2, sums.shape[0], **f32)  # (max cosine, sum) where redo
+        rows, cols, inv_rows, inv_cols, pointers, _, diag_offset = _oriented(*problem, swap)
+        _online_lse_kernel[(triton.cdiv(rows.shape[0], block_m),)](
+            rows, cols, inv_rows, inv_cols, *pointers, scale, redo.to(torch.int8), parts,
+            rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
+            rows.shape[0], cols.shape[0], k, diag_offset, **constants,
+        )  # fmt: skip
+        recomputed = scale64 * parts[0].double() + torch.log(parts[1].double())
+        recomputed = torch.where(parts[1] > 0, recomputed, float("-inf"))
+        lse = torch.where(redo, recomputed, lse)
+        results.append((lse.float(), _lse_parts(lse, scale64)))
+    (neg_row, row_parts), (neg_col, col_parts) = results
+    return neg_row, neg_col, pos, row_parts, col_parts
+
+
+def _lse_parts(lse: torch.Tensor, scale64: torch.Tensor) -> torch.Tensor:
+    """``lse / t`` (0 where ``lse`` is infinite: no negative, nothing reads it) as a ``(2, len)``
+    fp32 pair ``hi + lo``, from float64."""
+    cosine = torch.where(torch.isfinite(lse), lse.double() / scale64, 0.0)
+    hi = cosine.float()
+    return torch.stack([hi, (cosine - hi.double()).float()])
+
+
+def _triton_stats_backward(
+    query: torch.Tensor,
+    doc: torch.Tensor,
+    scale: torch.Tensor,
+    query_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    neg_row: torch.Tensor,
+    neg_col: torch.Tensor,
+    grad_neg_row: torch.Tensor,
+    grad_neg_col: torch.Tensor,
+    grad_pos: torch.Tensor,
+    offset: int,
+    normalize: bool,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    row_parts: torch.Tensor | None = None,
+    col_parts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d query, d doc, d scale)``; one launch per side, only for the sides in ``needs_grad``
+    (a skipped gradient comes back as an empty tensor). ``d scale = sum_ij dZ_ij S_ij`` rides on
+    the first launch. ``row_parts``, ``col_parts``: the forward's float64 log-sum-exps as
+    ``_lse_parts``; without them, those of the fp32 ``neg_row``, ``neg_col``."""
+    (n, k), m = query.shape, doc.shape[0]
+    # The gradients are allocated like the (possibly copied) inputs: the same offsets.
+    query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
+    f32 = dict(device=query.device, dtype=torch.float32)
+    scale32 = scale.detach().to(**f32).reshape(1)
+    if row_parts is None or col_parts is None:
+        row_parts, col_parts = (_lse_parts(lse, scale32.double()) for lse in (neg_row, neg_col))
+    inv_query, inv_doc = _inverse_norms(query, normalize), _inverse_norms(doc, normalize)
+    grad_neg_row, grad_neg_col, grad_pos = (
+        g.to(**f32).contiguous() for g in (grad_neg_row, grad_neg_col, grad_pos)
+    )
+    # Seen from the documents, row j's positive is column j - offset (when 0 <= j - offset < N).
+    grad_pos_of_docs = torch.zeros(m, **f32)
+    grad_pos_of_docs[offset : offset + n] = grad_pos
+    need_query, need_doc, need_scale = needs_grad
+    if need_scale and not (need_query or need_doc):
+        need_query = True  # d scale comes out of a gradient pass
+    grad_query = torch.empty_like(query) if need_query else query.new_empty(0)
+    grad_doc = torch.empty_like(doc) if need_doc else doc.new_empty(0)
+
+    k_pad = _k_pad(k)
+    tiles = _tile_sizes(k_pad, query.element_size(), backward=True)
+    block_m = tiles["BLOCK_M"]
+    common = dict(K_PAD=k_pad, NORMALIZE=normalize, **tiles, **_kernel_flags(query))
+    problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, scale32)
+    jobs = (  # (swap, row statistics, column statistics, their upstream gradients, output)
+        (False, row_parts, col_parts, grad_neg_row, grad_neg_col, grad_pos, grad_query),
+        (True, col_parts, row_parts, grad_neg_col, grad_neg_row, grad_pos_of_docs, grad_doc),
+    )
+    jobs = [job for job, needed in zip(jobs, (need_query, need_doc)) if needed]
+    grad_scale = torch.zeros((), dtype=scale.dtype, device=scale.device)
+    for launch, (swap, stat_rows, stat_cols, g_rows, g_cols, g_pos, out) in enumerate(jobs):
+        rows, cols, inv_rows, inv_cols, pointers, id_flags, diag_offset = _oriented(*problem, swap)
+        scale_partials = torch.zeros(triton.cdiv(rows.shape[0], block_m), **f32)
+        scalars = scale32
+        if rows.dtype == torch.float16:  # the bound of the fp16 rescaling (see the kernel)
+            col_weights = inv_cols if normalize else torch.ones_like(inv_cols)
+            scalars = torch.cat([scale32, col_weights.max().reshape(1),
+                                 (g_cols.abs() * col_weights).max().reshape(1)])  # fmt: skip
+        _stats_bwd_kernel[(triton.cdiv(rows.shape[0], block_m),)](
+            rows, cols, inv_rows, inv_cols, *pointers, scalars,
+            stat_rows.contiguous(), stat_cols.contiguous(), g_rows, g_cols, g_pos,
+            out, scale_partials,
+            rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
+            out.stride(0), out.stride(1),
+            rows.shape[0], cols.shape[0], k, diag_offset,
+            SCALE_GRAD=need_scale and launch == 0, **id_flags, **common,
+        )  # fmt: skip
+        if launch == 0:
+            grad_scale = scale_partials.sum().to(scale.dtype)
+    return grad_query, grad_doc, grad_scale
+
+
+def _triton_logits_forward(
+    logits: torch.Tensor, query_ids: torch.Tensor | None, doc_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = logits.shape[0]
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    block_m, block_n = (32, 32) if _INTERPRETING else (128, 64)
+    logits = _fit_int32_offsets(logits, block_m, block_n)
+    row_blocks = triton.cdiv(n, block_m)
+    neg_row = torch.empty(n, **f32)
+    col_max, col_sum = torch.empty(row_blocks, n, **f32), torch.empty(row_blocks, n, **f32)
+    placeholder = neg_row
+    _logits_stats_kernel[(row_blocks,)](
+        logits, placeholder if query_ids is None else query_ids.contiguous(),
+        placeholder if doc_ids is None else doc_ids.contiguous(),
+        neg_row, col_max, col_sum, logits.stride(0), logits.stride(1), n,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_QID=query_ids is not None,
+        HAS_DID=doc_ids is not None,
+    )  # fmt: skip
+    # Merge the blocks' partial column statistics: lse = logsumexp_b (max_b + log sum_b).
+    neg_col = torch.logsumexp(col_max + torch.log(col_sum), dim=0)
+    return neg_row, neg_col, logits.diagonal().to(torch.float32, copy=True)
+
+
+def _triton_logits_backward(
+    logits: torch.Tensor,
+    query_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    neg_row: torch.Tensor,
+    neg_col: torch.Tensor,
+    grad_neg_row: torch.Tensor,
+    grad_neg_col: torch.Tensor,
+    grad_pos: torch.Tensor,
+) -> torch.Tensor:
+    n = logits.shape[0]
+    block = 32 if _INTERPRETING else 64
+    logits = _fit_int32_offsets(logits, block, block)
+    grad = torch.empty_like(logits)  # a dense logits' strides, else contiguous: in range too
+    placeholder = neg_row
+    _logits_grad_kernel[(triton.cdiv(n, block), triton.cdiv(n, block))](
+        logits, placeholder if query_ids is None else query_ids.contiguous(),
+        placeholder if doc_ids is None else doc_ids.contiguous(),
+        neg_row, neg_col, *(g.float().contiguous() for g in (grad_neg_row, grad_neg_col, grad_pos)),
+        grad, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1), n,
+        BLOCK_M=block, BLOCK_N=block, HAS_QID=query_ids is not None, HAS_DID=doc_ids is not None,
+    )  # fmt: skip
+    return grad
+
+
+# ==============================================================================================
+# Custom ops (opaque to torch.compile)
+# ==============================================================================================
+
+
+def _block_elements(x: torch.Tensor) -> int:
+    """Block size of the PyTorch path for ``x``'s device (read at call time: tests shrink it)."""
+    return reference.CUDA_BLOCK_ELEMENTS if x.is_cuda else reference.BLOCK_ELEMENTS
+
+
+@torch.library.custom_op("gcl_ops::gcl_stats", mutates_args=())
+def _gcl_stats_op(
+    query: torch.Tensor,
+    doc: torch.Tensor,
+    scale: torch.Tensor,
+    query_ids: Optional[torch.Tensor],  # noqa: UP045 (custom_op parses typing.Optional)
+    doc_ids: Optional[torch.Tensor],  # noqa: UP045
+    offset: int,
+    normalize: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward,
+    the Triton path's ``lse / t`` in two fp32 parts (``(2, N)``, ``(2, M)``; empty on the
+    PyTorch path)."""
+    # Autocast stays outside: the statistics are computed in fp32 from the inputs as they are.
+    with torch.autocast(query.device.type, enabled=False), _on_device(query):
+        if backend == "triton":
+            return _triton_stats_forward(query, doc, scale, query_ids, doc_ids, offset, normalize)
+        neg_row, neg_col, pos = reference.blockwise_stats_forward(
+            query, doc, scale, query_ids, doc_ids, offset, normalize, _block_elements(query)
+        )
+        unused = query.new_empty(0, dtype=torch.float32)
+        return neg_row, neg_col, pos, unused, unused.clone()
+
+
+@_gcl_stats_op.register_fake
+def _(query, doc, scale, query_ids, doc_ids, offset, normalize, backend):
+    dtype = torch.float32 if backend == "triton" else query.dtype
+    n, m = query.shape[0], doc.shape[0]
+    triton_path = backend == "triton"
+    return (
+        query.new_empty(n, dtype=dtype),
+        query.new_empty(m, dtype=dtype),
+        query.new_empty(n, dtype=dtype),
+        query.new_empty((2, n) if triton_path else (0,), dtype=torch.float32),
+        query.new_empty((2, m) if triton_path else (0,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("gcl_ops::gcl_stats_backward", mutates_args=())
+def _gcl_stats_backward_op(
+    query: torch.Tensor,
+    doc: torch.Tensor,
+    scale: torch.Tensor,
+    query_ids: Optional[torch.Tensor],  # noqa: UP045
+    doc_ids: Optional[torch.Tensor],  # noqa: UP045
+    neg_row: torch.Tensor,
+    neg_col: torch.Tensor,
+    grad_neg_row: torch.Tensor,
+    grad_neg_col: torch.Tensor,
+    grad_pos: torch.Tensor,
+    offset: int,
+    normalize: bool,
+    backend: str,
+    needs_query_grad: bool = True,
+    needs_doc_grad: bool = True,
+    needs_scale_grad: bool = True,
+    row_parts: Optional[torch.Tensor] = None,  # noqa: UP045
+    col_parts: Optional[torch.Tensor] = None,  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d query, d doc, d scale)``; a gradient not needed comes back empty (``(0,)``) and is
+    not computed (the Triton path skips its pass, the PyTorch path its GEMM).
+    ``row_parts``, ``col_parts``: the forward's, for the Triton path."""
+    args = (query, doc, scale, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col,
+            grad_pos, offset, normalize)  # fmt: skip
+    needs_grad = (needs_query_grad, needs_doc_grad, needs_scale_grad)
+    with torch.autocast(query.device.type, enabled=False), _on_device(query):
+        if backend == "triton":
+            grad_query, grad_doc, grad_scale = _triton_stats_backward(
+                *args, needs_grad, row_parts, col_parts
+            )
+        else:
+            grad_query, grad_doc, grad_scale = reference.blockwise_stats_backward(
+                *args, _block_elements(query), need_query=needs_query_grad,
+                need_doc=needs_doc_grad, need_scale=needs_scale_grad,
+            )  # fmt: skip
+    if not needs_query_grad:
+        grad_query = query.new_empty(0)
+    if not needs_doc_grad:
+        grad_doc = doc.new_empty(0)
+    return grad_query, grad_doc, grad_scale.to(scale.dtype)
+
+
+@_gcl_stats_backward_op.register_fake
+def _(query, doc, scale, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col,
+      grad_pos, offset, normalize, backend, needs_query_grad=True, needs_doc_grad=True,
+      needs_scale_grad=True, row_parts=None, col_parts=None):  # fmt: skip
+    return (
+        torch.empty_like(query) if needs_query_grad else query.new_empty(0),
+        torch.empty_like(doc) if needs_doc_grad else doc.new_empty(0),
+        torch.empty_like(scale),
+    )
+
+
+@torch.library.custom_op("gcl_ops::logits_stats", mutates_args=())
+def _logits_stats_op(
+    logits: torch.Tensor,
+    query_ids: Optional[torch.Tensor],  # noqa: UP045
+    doc_ids: Optional[torch.Tensor],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(logits.device.type, enabled=False), _on_device(logits):
+        return _triton_logits_forward(logits, query_ids, doc_ids)
+
+
+@_logits_stats_op.register_fake
+def _(logits, query_ids, doc_ids):
+    n = logits.shape[0]
+    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("gcl_ops::logits_stats_backward", mutates_args=())
+def _logits_stats_backward_op(
+    logits: torch.Tensor,
+    query_ids: Optional[torch.Tensor],  # noqa: UP045
+    doc_ids: Optional[torch.Tensor],  # noqa: UP045
+    neg_row: torch.Tensor,
+    neg_col: torch.Tensor,
+    grad_neg_row: torch.Tensor,
+    grad_neg_col: torch.Tensor,
+    grad_pos: torch.Tensor,
+) -> torch.Tensor:
+    with torch.autocast(logits.device.type, enabled=False), _on_device(logits):
+        return _triton_logits_backward(
+            logits, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col, grad_pos
+        )
+
+
+@_logits_stats_backward_op.register_fake
+def _(logits, *args):
+    return torch.empty_like(logits)
