@@ -36,17 +36,19 @@ with TF32 GEMMs (the launcher follows ``torch.backends.cuda.matmul``; IEEE fp32 
 FMA units), bf16 and fp16 (which do not depend on the setting), ``NORMALIZE`` on and off,
 without ids and with query and document ids. Per variant, the launches of one training step:
 the forward (``_stats_fwd_kernel``), the exact recomputation of underflowed rows and columns
-(``_online_lse_kernel``, launched for both, returns at once where no row needs it), the backward
-for the queries (``SCALE_GRAD=True``: it also sums d t) and for the documents; then the
-logits-form kernels (``_logits_stats_kernel``, ``_logits_grad_kernel``) per dtype and ids.
-Launches that compile identically share a row; identical compiles are compiled once.
+(``_online_lse_kernel``, launched for both, returns at once where no row needs it), the fused
+backward (both gradients and d t); then the logits-form kernels (``_logits_stats_kernel``,
+``_logits_grad_kernel``) per dtype and ids. The forward and the backward are compiled once per
+configuration the autotuner may time (column ``config``; 0 is the default, which launches with
+``GCL_OPS_AUTOTUNE=0``; ``--candidates default`` compiles only that one). Launches that compile
+identically share a row; identical compiles are compiled once.
 
 FLOPs per N^2 (per entry of the ``N x M`` similarity; 2 per multiply-add of each ``tl.dot``,
 whose number is checked against the dots in the Triton IR), in units of k: the forward's
-``S = Q D^T`` is 2k; the recomputation 2k per side, but only for flagged rows (0 otherwise); each
-backward launch recomputes ``S`` (2k) and runs ``dS @ C`` (2k), 4k, twice. Forward + backward:
-2k + 8k = 10k in the common case (goal: 8k). ``flops_exec`` is what the tiles issue with k padded
-(``S`` over ``ceil(k / BLOCK_K)`` slices, ``dS @ C`` over ``K_PAD``). The column ``mma`` names the
+``S = Q D^T`` is 2k; the recomputation 2k per side, but only for flagged rows (0 otherwise); the
+backward recomputes ``S`` once per ``K_SLICE`` of k (2k each) and runs ``dS^T Q`` and ``dS D``
+(4k). Forward + backward: 8k with one slice (the goal), 10k with two. ``flops_exec`` is what the
+tiles issue with k padded (``S`` over ``ceil(k / BLOCK_K)`` slices, the gradients over ``K_PAD``). The column ``mma`` names the
 instruction of each dot in order: ``wgmma`` (Hopper warp-group MMA, which needs 64-row tiles per
 warp group), ``mma.sync`` (Ampere-style) or ``fma``; ``ptx_wgmma`` / ``ptx_mma_sync`` count them
 in the PTX.
@@ -152,7 +154,7 @@ def recording(launches: list[Launch], precision: str, tile_sizes=None):
     roles = {
         "_stats_fwd_kernel": iter(["forward"] * 10),
         "_online_lse_kernel": iter(["recompute rows", "recompute cols"] * 5),
-        "_stats_bwd_kernel": iter(["backward queries", "backward docs"] * 5),
+        "_stats_bwd_kernel": iter(["backward"] * 10),
         "_logits_stats_kernel": iter(["logits forward"] * 10),
         "_logits_grad_kernel": iter(["logits backward"] * 10),
     }
@@ -162,9 +164,29 @@ def recording(launches: list[Launch], precision: str, tile_sizes=None):
             stack.enter_context(mock.patch.object(ops, name, recorder))
         stack.enter_context(mock.patch.object(ops, "_num_splits", _h100_num_splits))
         stack.enter_context(mock.patch.object(ops, "_allow_tf32", lambda: precision == "tf32"))
+        # The autotuner's configurations are compiled one by one (``candidate``), as launched
+        # with the autotuner off.
+        stack.enter_context(mock.patch.object(ops, "_autotuning", lambda: False))
         if tile_sizes is not None:
             stack.enter_context(mock.patch.object(ops, "_tile_sizes", tile_sizes))
         yield
+
+
+def candidate_tiles(index: int):
+    """``ops._tile_sizes`` answering with the autotuner's ``index``-th configuration (the last
+    where there are fewer)."""
+
+    def tile_sizes(k_pad, element_size, backward, tf32=False, fp16=False):
+        candidates = ops._tile_candidates(k_pad, element_size, backward, tf32, fp16)
+        return candidates[min(index, len(candidates) - 1)]
+
+    return tile_sizes
+
+
+def candidate_count(k: int, dtype: str, precision: str, backward: bool) -> int:
+    element_size = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    return len(ops._tile_candidates(ops._k_pad(k), element_size, backward, precision == "tf32",
+                                    dtype == "fp16"))  # fmt: skip
 
 
 def embedding_launches(n: int, k: int, dtype: str, precision: str, normalize: bool, ids: str,
@@ -320,7 +342,7 @@ def compile_report(launch: Launch) -> dict:
 def flops(launch: Launch, gemms: int) -> tuple[str, str, int]:
     """``(tensor-core FLOPs per N^2 in units of k, note, FLOPs per N^2 as the tiles issue them)``."""
     name, args = launch.kernel.fn.__name__, launch.arguments
-    expected = {"_stats_fwd_kernel": 1, "_online_lse_kernel": 1, "_stats_bwd_kernel": 2}
+    expected = {"_stats_fwd_kernel": 1, "_online_lse_kernel": 1, "_stats_bwd_kernel": 3}
     if gemms != expected.get(name, 0):
         raise AssertionError(f"{name}: {gemms} dots in the IR, the FLOP count assumes "
                              f"{expected.get(name, 0)}")  # fmt: skip
@@ -332,7 +354,10 @@ def flops(launch: Launch, gemms: int) -> tuple[str, str, int]:
         return "2k", "S = Q D^T", similarity
     if name == "_online_lse_kernel":
         return "0", "2k for the flagged rows only (none usually)", 0
-    return "4k", "S again + dS @ C", similarity + 2 * args["K_PAD"]
+    k_pad = ops._k_pad(k)
+    slices = triton.cdiv(k_pad, args["K_SLICE"])
+    note = f"S again ({slices} k slice{'s' * (slices > 1)}) + dS^T Q + dS D"
+    return f"{2 * slices + 4}k", note, slices * similarity + 4 * k_pad
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,12 +375,19 @@ def launched_variants(args) -> list[tuple[dict, Launch]]:
             continue
         described = dict(dtype=dtype, precision=precision if dtype == "fp32" else "-",
                          normalize=normalize, ids=ids, k=k)  # fmt: skip
-        for launch in embedding_launches(args.n, k, dtype, precision, normalize, ids):
-            variants.append((described, launch))
+        counts = {backward: candidate_count(k, dtype, precision, backward)
+                  for backward in (False, True)}  # fmt: skip
+        for index in range(max(counts.values()) if args.candidates == "all" else 1):
+            tiles = candidate_tiles(index)
+            for launch in embedding_launches(args.n, k, dtype, precision, normalize, ids, tiles):
+                backward = launch.role == "backward"
+                if index == 0 or (launch.role in ("forward", "backward")
+                                  and index < counts[backward]):  # fmt: skip
+                    variants.append((dict(described, config=index), launch))
     for dtype, ids in itertools.product(args.dtype, args.ids):
         for launch in logits_launches(args.n, dtype, ids):
-            variants.append((dict(dtype=dtype, precision="-", normalize="-", ids=ids, k="-"),
-                             launch))  # fmt: skip
+            variants.append((dict(dtype=dtype, precision="-", normalize="-", ids=ids, k="-",
+                                  config=0), launch))  # fmt: skip
     return variants
 
 
@@ -368,16 +400,17 @@ def sweep_variants(args) -> list[tuple[dict, Launch]]:
     ):
         block_k = min(ops._k_pad(k), 64 if dtype == "bf16" else 32)
 
-        def tiles(k_pad, element_size, backward, block_m=block_m, block_n=block_n,
-                  block_k=block_k):  # fmt: skip
+        def tiles(k_pad, element_size, backward, tf32=False, fp16=False, block_m=block_m,
+                  block_n=block_n, block_k=block_k):  # fmt: skip
             warps = 8 if backward or block_m * block_n >= 8192 else 4
-            return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            return dict(tiles, K_SLICE=min(k_pad, 256), num_stages=2) if backward else tiles
 
         described = dict(dtype=dtype, precision="tf32" if dtype == "fp32" else "-",
-                         normalize=True, ids="qid", k=k)  # fmt: skip
+                         normalize=True, ids="qid", k=k, config="sweep")  # fmt: skip
         launches = embedding_launches(args.n, k, dtype, "tf32", True, "qid", tiles)
         for launch in launches:
-            if launch.role in ("forward", "backward queries"):
+            if launch.role in ("forward", "backward"):
                 variants.append((described, launch))
     return variants
 
@@ -396,28 +429,32 @@ def _cache_key(launch: Launch) -> str:
                  sorted(attrs.items()), sorted(launch.options.items())))  # fmt: skip
 
 
-COLUMNS = ["kernel", "role", "dtype", "precision", "normalize", "ids", "k", "K_PAD", "BLOCK_M",
-           "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "registers", "spill_stores",
+COLUMNS = ["kernel", "role", "config", "dtype", "precision", "normalize", "ids", "k", "K_PAD",
+           "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE", "num_warps", "num_stages", "registers", "spill_stores",
            "spill_loads", "spill_bytes", "shared_bytes", "mma", "ptx_wgmma", "ptx_mma_sync",
            "flops_per_n2", "flops_exec", "flops_note", "specialised", "target", "triton", "date",
            "error"]  # fmt: skip
-TABLE = [("kernel", 20), ("role", 21), ("dtype", 5), ("precision", 4), ("normalize", 5),
-         ("ids", 7), ("k", 5), ("K_PAD", 5), ("BLOCK_M", 4), ("BLOCK_N", 4), ("BLOCK_K", 4),
+TABLE = [("kernel", 20), ("role", 21), ("config", 2), ("dtype", 5), ("precision", 4), ("normalize", 5),
+         ("ids", 7), ("k", 5), ("K_PAD", 5), ("BLOCK_M", 4), ("BLOCK_N", 4), ("BLOCK_K", 4), ("K_SLICE", 4),
          ("num_warps", 2), ("num_stages", 2), ("registers", 4), ("spill_bytes", 6),
          ("shared_bytes", 7), ("mma", 17), ("flops_per_n2", 3), ("flops_exec", 5)]  # fmt: skip
 
 
-def _print_step_flops(totals: dict) -> None:
+def _print_step_flops(totals: dict, fewest: dict) -> None:
     step = sorted({sum(units for units, _ in kernels.values()) for kernels in totals.values()})
-    print("GEMM FLOPs per N^2 (2 per multiply-add), forward + backward: forward 2k, recompute 0 "
-          "(2k per side, flagged rows only), backward 4k per side, 2 sides: "
-          f"{' / '.join(f'{units}k' for units in step)} (goal: 8k)")  # fmt: skip
+    print("GEMM FLOPs per N^2 (2 per multiply-add), forward + backward, default tiles: forward "
+          "2k, recompute 0 (2k per side, flagged rows only), backward 2k per k slice (S again) + "
+          f"4k: {' / '.join(f'{units}k' for units in step)} (goal: 8k)")  # fmt: skip
     issued: dict = {}
     for (dtype, precision, k), kernels in totals.items():
         executed = sum(flops for _, flops in kernels.values())
-        issued.setdefault((dtype, precision), []).append(f"k={k}: {executed / k:.2f}k")
+        best = executed - kernels["backward"][1] + fewest[(dtype, precision, k)]
+        issued.setdefault((dtype, precision), []).append(
+            f"k={k}: {executed / k:.2f}k" + (f" ({best / k:.2f}k)" if best < executed else "")
+        )
+    print("  issued with k padded (in brackets: with the autotuner's fewest-FLOP backward):")
     for (dtype, precision), values in issued.items():
-        print(f"  issued with k padded, {dtype} {precision}: {', '.join(values)}")
+        print(f"    {dtype} {precision}: {', '.join(values)}")
 
 
 def print_table(rows: list[dict], step_totals: bool = True) -> None:
@@ -432,16 +469,22 @@ def print_table(rows: list[dict], step_totals: bool = True) -> None:
     # GEMM FLOPs per N^2 of a training step: the forward, the recomputations (0 unless a row
     # is flagged), the two backward launches. They do not depend on NORMALIZE or the ids.
     totals: dict = {}
+    fewest: dict = {}  # the fewest FLOPs among the backward's configurations
     for row in rows:
         if row["kernel"].startswith("_logits") or row["error"] or row["flops_exec"] is None:
             continue
-        per_kernel = totals.setdefault((row["dtype"], row["precision"], row["k"]), {})
+        problem = (row["dtype"], row["precision"], row["k"])
+        if row["role"] == "backward":
+            fewest[problem] = min(fewest.get(problem, row["flops_exec"]), row["flops_exec"])
+        if row["config"] != 0:
+            continue
+        per_kernel = totals.setdefault(problem, {})
         launches = len(row["role"].split("+"))
         units = 0 if row["flops_per_n2"] == "0" else int(row["flops_per_n2"].rstrip("k"))
         per_kernel[row["role"]] = (launches * units, launches * row["flops_exec"])
     print()
     if step_totals:
-        _print_step_flops(totals)
+        _print_step_flops(totals, fewest)
     spills = [row for row in rows if row.get("spill_bytes")]
     print(f"variants with spills: {len(spills)} of {len(rows)}")
     for r in spills:
@@ -480,6 +523,10 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="a grid of tile sizes, not the launched ones"
     )
+    parser.add_argument(
+        "--candidates", choices=["all", "default"], default="all",
+        help="every configuration the autotuner may time (default), or only the default tiles",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="write the table as CSV here")
     args = parser.parse_args()
     args.normalize = [value == "on" for value in args.normalize]
@@ -501,7 +548,8 @@ def main() -> None:
             "kernel": launch.kernel.fn.__name__,
             "role": _merge_roles(roles),
             **described,
-            **{name: arguments.get(name) for name in ("K_PAD", "BLOCK_M", "BLOCK_N", "BLOCK_K")},
+            **{name: arguments.get(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE")},
+            "K_PAD": ops._k_pad(arguments["k"]) if "k" in arguments else None,
         }
         try:
             if key not in reports:
@@ -522,8 +570,8 @@ def main() -> None:
                "error": row["error"]}  # fmt: skip
         rows.append(row)
         # One line per variant, the error last (tests/test_compile.py reads these lines).
-        shown = ("kernel", "role", "dtype", "precision", "normalize", "ids", "k", "K_PAD",
-                 "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "registers",
+        shown = ("kernel", "role", "config", "dtype", "precision", "normalize", "ids", "k",
+                 "K_PAD", "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE", "num_warps", "num_stages", "registers",
                  "spill_bytes", "shared_bytes", "mma", "flops_per_n2", "error")  # fmt: skip
         print(", ".join(f"{key}={row[key] if row[key] is not None else ''}" for key in shown),
               flush=True)  # fmt: skip

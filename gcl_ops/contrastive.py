@@ -29,9 +29,10 @@ Layers, from the kernels up (each file imports only those below it):
   feeds both the row and the column sums, shifted by a fixed bound instead of an online maximum,
   since ``|Z| <= t``; column sums are combined with atomic adds) and ``_online_lse_kernel``
   (exact recomputation with an online maximum for the rare row or column whose sum
-  underflowed); ``stats_backward.py`` holds ``_stats_bwd_kernel`` (one program per block of rows
-  accumulates that block's gradient; run a second time with rows and columns swapped for the
-  documents' gradient); ``logits.py`` holds the logits-form kernels ``_logits_stats_kernel`` /
+  underflowed); ``stats_backward.py`` holds ``_stats_bwd_kernel`` (the whole backward in one
+  pass over the tiles, FlashAttention-2 style: a program owns a block of columns and keeps their
+  gradient on chip while the row blocks stream past, ``dS`` formed once per tile feeds both
+  gradient GEMMs, the rows' gradient is added atomically); ``logits.py`` holds the logits-form kernels ``_logits_stats_kernel`` /
   ``_logits_grad_kernel``;
 * ``gcl_ops/ops.py``: launchers that check nothing but shapes and allocate, and the custom ops
   ``gcl_ops::gcl_stats`` / ``gcl_stats_backward`` (opaque to ``torch.compile``, so no graph

@@ -6,6 +6,10 @@ The launchers check nothing but shapes and allocate. The custom ops are opaque t
 """
 
 import contextlib
+import functools
+import itertools
+import math
+import os
 from typing import Optional
 
 import torch
@@ -36,26 +40,114 @@ def _k_pad(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
-def _tile_sizes(k_pad: int, element_size: int, backward: bool) -> dict[str, int]:
-    """Tile sizes and warps for a problem of (padded) width ``k_pad``.
+def _tile_candidates(
+    k_pad: int, element_size: int, backward: bool, tf32: bool = False, fp16: bool = False
+) -> list[dict[str, int]]:
+    """The tile configurations worth timing for a problem of (padded) width ``k_pad``, the
+    default first (what launches when the autotuner is off, and under the interpreter).
 
-    The similarity tile is a ``BLOCK_M x BLOCK_N`` GEMM over ``k`` in ``BLOCK_K`` slices; the
-    backward also keeps a ``BLOCK_M x k_pad`` fp32 gradient accumulator in registers and loads
-    ``BLOCK_N x k_pad`` column tiles for ``dS @ C``. The sizes are the largest that ptxas
-    compiles for Hopper (sm_90a) without register spills, or with the fewest (k = 1024), from
-    ``benchmarks/static_tile_check.py --sweep``; they are not yet tuned by timing on a GPU. The
-    interpreter gets small tiles: few programs, while ragged tiles and k slices are exercised.
-    """
+    Forward: a ``BLOCK_M x BLOCK_N`` similarity tile, a GEMM over ``k`` in ``BLOCK_K`` slices.
+    Backward: the same tile, plus a ``BLOCK_N x K_SLICE`` fp32 accumulator of ``dD^`` kept on
+    chip and ``BLOCK_M x BLOCK_K`` chunks of ``dQ^``; ``k`` is cut into ``K_PAD / K_SLICE``
+    slices, each recomputing ``S`` (2k FLOPs per N^2 each): one slice reaches the 6k of a
+    backward without recomputation but costs registers. The defaults are the largest tiles that
+    ptxas compiles for Hopper (sm_90a) without register spills (fp32 with IEEE GEMMs, which run
+    on the FMA units, spills at every size tried; its default spills least), from
+    ``benchmarks/static_tile_check.py``; the alternatives spill a little (or recompute more) and
+    are there for the autotuner to time: on a GPU the first call of each problem size bucket,
+    width and dtype times them all and keeps the fastest. Not yet timed on a GPU.
+    The interpreter gets small tiles: few programs, while ragged tiles, k slices (backward:
+    slices of 32) and split row blocks are exercised."""
     if _INTERPRETING:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
-    block_k = min(k_pad, 64 if element_size <= 2 else 32)
+        tiles = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
+        return [dict(tiles, K_SLICE=min(k_pad, 32)) if backward else tiles]
+    half = element_size <= 2
+    block_k = min(k_pad, 64 if half else 32)
+
+    def tiles(block_m: int, block_n: int, warps: int, stages: int, **extra: int) -> dict:
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=extra.pop("BLOCK_K", block_k),
+                    num_warps=warps, num_stages=stages, **extra)  # fmt: skip
+
     if not backward:
-        if element_size <= 2:
-            return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8)
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=8)
-    block_m = 16 if k_pad >= 1024 else 32
-    block_n = 64 if k_pad <= 256 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
+        wide, tall = tiles(64, 128, 8, 3), tiles(128, 64, 8, 3)
+        first, second = (tall, wide) if half else (wide, tall)
+        return [first, second, dict(first, num_stages=4)]
+    if not half and not tf32:  # FMA loops: small tiles
+        candidates = [
+            tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 64)),
+            tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 128)),
+            tiles(64, 64, 8, 2, K_SLICE=min(k_pad, 64)),
+        ]
+        return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
+    # bf16: a 32-wide GEMM slice leaves the registers that 256-wide k slices need (fp16's
+    # rescaling takes a few more: 44 bytes spill there, so its default slices are 128 wide).
+    narrow = tiles(64, 64, 8, 3, BLOCK_K=min(k_pad, 32), K_SLICE=min(k_pad, 256))
+    widths = sorted({min(k_pad, width) for width in (128, 256, 512)})
+    candidates = [tiles(64, 64, 8, 2, K_SLICE=width) for width in widths]
+    if half:
+        candidates.insert(1 if fp16 else 0, narrow)
+    return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
+
+
+def _tile_sizes(
+    k_pad: int, element_size: int, backward: bool, tf32: bool = False, fp16: bool = False
+) -> dict[str, int]:
+    """The default tiles (``_tile_candidates``' first): what launches without the autotuner."""
+    return _tile_candidates(k_pad, element_size, backward, tf32, fp16)[0]
+
+
+def _autotuning() -> bool:
+    """Whether launches go through ``triton.autotune``: on a GPU, unless ``GCL_OPS_AUTOTUNE=0``
+    (then the default tiles launch, as under the interpreter, which times nothing)."""
+    return not _INTERPRETING and os.environ.get("GCL_OPS_AUTOTUNE", "1") != "0"
+
+
+def _size_bucket(n_rows: int, n_cols: int) -> int:
+    """``round(log2(n_rows n_cols) / 2)``: problems whose tiles the autotuner times once (with
+    the width ``k``, the dtypes and the compile-time switches)."""
+    return round(math.log2(max(n_rows * n_cols, 1)) / 2)
+
+
+def _config_tiles(config) -> dict:
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+@functools.cache
+def _autotuned(which: str):
+    """The forward or backward kernel under ``triton.autotune``: every configuration that
+    ``_tile_candidates`` proposes for some width and dtype, pruned per call to this call's
+    candidates; the atomically accumulated outputs are zeroed before each timed run."""
+    backward = which == "backward"
+    kernel = _stats_bwd_kernel if backward else _stats_fwd_kernel
+    data = "query_ptr" if backward else "rows_ptr"
+    seen, configs = set(), []
+    for k_pad, element_size, tf32, fp16 in itertools.product(
+        [16 << i for i in range(7)], (2, 4), (False, True), (False, True)
+    ):
+        for tiles in _tile_candidates(k_pad, element_size, backward, tf32, fp16):
+            key = tuple(sorted(tiles.items()))
+            if key not in seen:
+                seen.add(key)
+                launch = {name: tiles[name] for name in ("num_warps", "num_stages")}
+                kwargs = {name: v for name, v in tiles.items() if name not in launch}
+                configs.append(triton.Config(kwargs, **launch))
+
+    def prune(configs, named_args, **kwargs):
+        x = named_args[data]
+        wanted = _tile_candidates(
+            _k_pad(named_args["k"]), x.element_size(), backward,
+            kwargs.get("INPUT_PRECISION") == "tf32", x.dtype == torch.float16,
+        )  # fmt: skip
+        return [config for config in configs if _config_tiles(config) in wanted]
+
+    zeroed = (["grad_query_ptr", "grad_doc_ptr", "scale_cols_ptr"] if backward
+              else ["row_sum_ptr", "col_sum_ptr", "pos_ptr"])  # fmt: skip
+    key = ["size_bucket", "k", "INPUT_PRECISION", "NORMALIZE", "HAS_QID", "HAS_DID"]
+    if backward:
+        key += ["NEED_QUERY", "NEED_DOC", "SCALE_GRAD"]
+    return triton.autotune(
+        configs, key=key, prune_configs_by={"early_config_prune": prune}, reset_to_zero=zeroed
+    )(kernel)
 
 
 def _num_splits(n_rows: int, n_cols: int, block_m: int, block_n: int, device: torch.device) -> int:
@@ -175,17 +267,26 @@ def _triton_stats_forward(
     shift_arguments = torch.cat([shift_cosine, exp_scale.reshape(1), exp_scale_lo.reshape(1)])
     row_sum, col_sum, pos = torch.zeros(n, **f32), torch.zeros(m, **f32), torch.zeros(n, **f32)
 
-    tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=False)
-    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
-    splits = _num_splits(n, m, block_m, block_n, query.device)
+    tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=False, tf32=_allow_tf32())
+    block_m = tiles["BLOCK_M"]
     id_pointers, id_flags = _ids_arguments(query_ids, doc_ids, offset, n, row_sum, swap=False)
-    constants = dict(NORMALIZE=normalize, **tiles, **id_flags, **_kernel_flags(query))
+    flags = dict(NORMALIZE=normalize, **id_flags, **_kernel_flags(query))
     problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, row_sum)
-    _stats_fwd_kernel[(triton.cdiv(n, block_m), splits)](
+
+    def grid(meta: dict) -> tuple[int, int]:
+        splits = _num_splits(n, m, meta["BLOCK_M"], meta["BLOCK_N"], query.device)
+        return (triton.cdiv(n, meta["BLOCK_M"]), splits)
+
+    arguments = (
         query, doc, inv_query, inv_doc, *id_pointers, scale, shift_arguments, row_sum, col_sum, pos,
         query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
-        n, m, k, offset, splits, **constants,
+        n, m, k, offset, _size_bucket(n, m),
     )  # fmt: skip
+    if _autotuning():
+        _autotuned("forward")[grid](*arguments, **flags)
+    else:
+        _stats_fwd_kernel[grid](*arguments, **flags, **tiles)
+    constants = dict(flags, **tiles)
     # lse = t sigma + log(sum) in float64, rounded to fp32 once (the output) and split into two
     # fp32 parts for the backward: at |lse| ~ 300 one fp32 rounding is up to 1.5e-5, a relative
     # error of every P = exp(Z - lse) that the backward would sum up t-fold.
@@ -236,12 +337,11 @@ def _triton_stats_backward(
     row_parts: torch.Tensor | None = None,
     col_parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(d query, d doc, d scale)``; one launch per side, only for the sides in ``needs_grad``
-    (a skipped gradient comes back as an empty tensor). ``d scale = sum_ij dZ_ij S_ij`` rides on
-    the first launch. ``row_parts``, ``col_parts``: the forward's float64 log-sum-exps as
-    ``_lse_parts``; without them, those of the fp32 ``neg_row``, ``neg_col``."""
+    """``(d query, d doc, d scale)`` in one launch of the fused backward, which computes only the
+    parts in ``needs_grad`` (a skipped gradient comes back as an empty tensor).
+    ``row_parts``, ``col_parts``: the forward's float64 log-sum-exps as ``_lse_parts``; without
+    them, those of the fp32 ``neg_row``, ``neg_col``."""
     (n, k), m = query.shape, doc.shape[0]
-    # The gradients are allocated like the (possibly copied) inputs: the same offsets.
     query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
     f32 = dict(device=query.device, dtype=torch.float32)
     scale32 = scale.detach().to(**f32).reshape(1)
@@ -251,46 +351,74 @@ def _triton_stats_backward(
     grad_neg_row, grad_neg_col, grad_pos = (
         g.to(**f32).contiguous() for g in (grad_neg_row, grad_neg_col, grad_pos)
     )
-    # Seen from the documents, row j's positive is column j - offset (when 0 <= j - offset < N).
-    grad_pos_of_docs = torch.zeros(m, **f32)
-    grad_pos_of_docs[offset : offset + n] = grad_pos
     need_query, need_doc, need_scale = needs_grad
     if need_scale and not (need_query or need_doc):
         need_query = True  # d scale comes out of a gradient pass
-    grad_query = torch.empty_like(query) if need_query else query.new_empty(0)
-    grad_doc = torch.empty_like(doc) if need_doc else doc.new_empty(0)
+    # fp32 accumulators of dQ^, dD^ (through the normalised vectors), added to atomically.
+    grad_query_hat = torch.zeros(n if need_query else 0, k, **f32)
+    grad_doc_hat = torch.zeros(m if need_doc else 0, k, **f32)
+    scale_cols = torch.zeros(m if need_scale else 0, **f32)
+    scalars = scale32
+    if query.dtype == torch.float16:  # the bounds of the fp16 rescaling (see the kernel)
+        max_inv_query = inv_query.max().reshape(1) if normalize else torch.ones(1, **f32)
+        scalars = torch.cat([scale32, max_inv_query,
+                             (grad_neg_row.abs() + grad_pos.abs()).max().reshape(1)])  # fmt: skip
+    id_pointers, id_flags = _ids_arguments(query_ids, doc_ids, offset, n, scale32, swap=False)
+    flags = dict(NORMALIZE=normalize, NEED_QUERY=need_query, NEED_DOC=need_doc,
+                 SCALE_GRAD=need_scale, **id_flags, **_kernel_flags(query))  # fmt: skip
 
-    k_pad = _k_pad(k)
-    tiles = _tile_sizes(k_pad, query.element_size(), backward=True)
-    block_m = tiles["BLOCK_M"]
-    common = dict(K_PAD=k_pad, NORMALIZE=normalize, **tiles, **_kernel_flags(query))
-    problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, scale32)
-    jobs = (  # (swap, row statistics, column statistics, their upstream gradients, output)
-        (False, row_parts, col_parts, grad_neg_row, grad_neg_col, grad_pos, grad_query),
-        (True, col_parts, row_parts, grad_neg_col, grad_neg_row, grad_pos_of_docs, grad_doc),
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return _backward_grid(n, m, k, meta, query.device)
+
+    arguments = (
+        query, doc, inv_query, inv_doc, *id_pointers, scalars,
+        row_parts.contiguous(), col_parts.contiguous(), grad_neg_row, grad_neg_col, grad_pos,
+        grad_query_hat, grad_doc_hat, scale_cols,
+        query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
+        n, m, k, offset, _size_bucket(n, m),
+    )  # fmt: skip
+    if _autotuning():
+        _autotuned("backward")[grid](*arguments, **flags)
+    else:
+        tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=True, tf32=_allow_tf32(),
+                            fp16=query.dtype == torch.float16)  # fmt: skip
+        _stats_bwd_kernel[grid](*arguments, **flags, **tiles)
+    grad_scale = scale_cols.double().sum().to(scale.dtype)
+    grad_query = _through_norm(query, grad_query_hat, inv_query, normalize) if need_query else None
+    grad_doc = _through_norm(doc, grad_doc_hat, inv_doc, normalize) if need_doc else None
+    return (
+        query.new_empty(0) if grad_query is None else grad_query,
+        doc.new_empty(0) if grad_doc is None else grad_doc,
+        grad_scale,
     )
-    jobs = [job for job, needed in zip(jobs, (need_query, need_doc)) if needed]
-    grad_scale = torch.zeros((), dtype=scale.dtype, device=scale.device)
-    for launch, (swap, stat_rows, stat_cols, g_rows, g_cols, g_pos, out) in enumerate(jobs):
-        rows, cols, inv_rows, inv_cols, pointers, id_flags, diag_offset = _oriented(*problem, swap)
-        scale_partials = torch.zeros(triton.cdiv(rows.shape[0], block_m), **f32)
-        scalars = scale32
-        if rows.dtype == torch.float16:  # the bound of the fp16 rescaling (see the kernel)
-            col_weights = inv_cols if normalize else torch.ones_like(inv_cols)
-            scalars = torch.cat([scale32, col_weights.max().reshape(1),
-                                 (g_cols.abs() * col_weights).max().reshape(1)])  # fmt: skip
-        _stats_bwd_kernel[(triton.cdiv(rows.shape[0], block_m),)](
-            rows, cols, inv_rows, inv_cols, *pointers, scalars,
-            stat_rows.contiguous(), stat_cols.contiguous(), g_rows, g_cols, g_pos,
-            out, scale_partials,
-            rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-            out.stride(0), out.stride(1),
-            rows.shape[0], cols.shape[0], k, diag_offset,
-            SCALE_GRAD=need_scale and launch == 0, **id_flags, **common,
-        )  # fmt: skip
-        if launch == 0:
-            grad_scale = scale_partials.sum().to(scale.dtype)
-    return grad_query, grad_doc, grad_scale
+
+
+def _through_norm(
+    x: torch.Tensor, grad_hat: torch.Tensor, inv_norms: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """``dL/dx`` in ``x``'s dtype from the fp32 ``dL/dx^`` through ``x^ = x / |x|`` (the
+    identity without normalisation): ``dx = (dx^ - x <x, dx^> / |x|^2) / |x|``."""
+    if not normalize:
+        return grad_hat.to(x.dtype)
+    values = x.float()
+    radial = (values * grad_hat).sum(dim=1) * inv_norms * inv_norms
+    return ((grad_hat - values * radial[:, None]) * inv_norms[:, None]).to(x.dtype)
+
+
+def _backward_grid(n_rows: int, n_cols: int, k: int, tiles: dict, device: torch.device) -> tuple:
+    """``(column blocks, row splits, k slices)``: the column blocks (and the k slices) alone
+    leave SMs idle for a small local batch (N = 4096, BLOCK_N = 64: 64 programs on 132 SMs);
+    the row blocks are then split too, for about two programs per SM, at the price of one more
+    atomic add of each program's ``dD^`` block."""
+    col_blocks = triton.cdiv(n_cols, tiles["BLOCK_N"])
+    k_slices = triton.cdiv(_k_pad(k), tiles["K_SLICE"])
+    row_blocks = triton.cdiv(n_rows, tiles["BLOCK_M"])
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter: two splits exercise the atomic dD^ too
+        target = 2 * col_blocks * k_slices
+    row_splits = max(1, min(row_blocks, triton.cdiv(target, col_blocks * k_slices)))
+    return (col_blocks, row_splits, k_slices)
 
 
 def _triton_logits_forward(
@@ -301,17 +429,20 @@ def _triton_logits_forward(
     block_m, block_n = (32, 32) if _INTERPRETING else (128, 64)
     logits = _fit_int32_offsets(logits, block_m, block_n)
     row_blocks = triton.cdiv(n, block_m)
-    neg_row = torch.empty(n, **f32)
+    # Row blocks alone leave SMs idle for a small batch (N = 8192: 64 programs on 132 SMs).
+    splits = _num_splits(n, n, block_m, block_n, logits.device)
+    row_max, row_sum = torch.empty(splits, n, **f32), torch.empty(splits, n, **f32)
     col_max, col_sum = torch.empty(row_blocks, n, **f32), torch.empty(row_blocks, n, **f32)
-    placeholder = neg_row
-    _logits_stats_kernel[(row_blocks,)](
+    placeholder = row_max
+    _logits_stats_kernel[(row_blocks, splits)](
         logits, placeholder if query_ids is None else query_ids.contiguous(),
         placeholder if doc_ids is None else doc_ids.contiguous(),
-        neg_row, col_max, col_sum, logits.stride(0), logits.stride(1), n,
+        row_max, row_sum, col_max, col_sum, logits.stride(0), logits.stride(1), n, splits,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_QID=query_ids is not None,
         HAS_DID=doc_ids is not None,
     )  # fmt: skip
-    # Merge the blocks' partial column statistics: lse = logsumexp_b (max_b + log sum_b).
+    # Merge the partials: lse = logsumexp_b (max_b + log sum_b) (-inf where all are empty).
+    neg_row = torch.logsumexp(row_max + torch.log(row_sum), dim=0)
     neg_col = torch.logsumexp(col_max + torch.log(col_sum), dim=0)
     return neg_row, neg_col, logits.diagonal().to(torch.float32, copy=True)
 

@@ -63,7 +63,7 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "static_tile_check.py"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(script), "--k", "33", "512", "1024"],
+        [sys.executable, str(script), "--k", "33", "512", "1024", "--candidates", "default"],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -111,3 +111,33 @@ def _loss_and_grads_on(query, doc, weights, dtype, device, impl):
                          else torch.float32, requires_grad=True)  # fmt: skip
     loss = gcl_ops.gcl_loss(q, d, weights.to(device, dtype), scale, impl=impl)
     return [loss.detach(), *torch.autograd.grad(loss, (q, d, scale))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_terms_flushed_to_zero_on_the_gpu_are_recomputed(dtype: torch.dtype) -> None:
+    # On the GPU tl.exp2 is ex2.approx.ftz: results below fp32's smallest normal (e^-87.3) come
+    # out 0 where the interpreter keeps them. At t = 100 the fixed shift is 36; a query at cosine
+    # -0.6 from every document has Z - shift = -96 for each negative (e^-96 = 2e-42, subnormal),
+    # so its shifted row sum flushes to 0 on the GPU and must be recomputed with an online
+    # maximum. The other rows keep ordinary sums; every statistic must match float64.
+    n, k = 300, 16
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    axis = torch.zeros(k, device="cuda")
+    axis[0] = 1.0
+    doc = axis + 0.01 * torch.randn(n, k, device="cuda", generator=generator)
+    query = doc + 0.01 * torch.randn(n, k, device="cuda", generator=generator)
+    far = torch.zeros(k, device="cuda")
+    far[0], far[1] = -0.6, 0.8
+    query[:7] = far + 0.001 * torch.randn(7, k, device="cuda", generator=generator)
+    query, doc = query.to(dtype), doc.to(dtype)
+    got = gcl_ops.contrastive.gcl_stats(query, doc, 100.0, impl="triton")
+    q64 = torch.nn.functional.normalize(query.double(), dim=-1)
+    d64 = torch.nn.functional.normalize(doc.double(), dim=-1)
+    z = 100.0 * q64 @ d64.T
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device="cuda")
+    masked = z.masked_fill(~off_diagonal, float("-inf"))
+    want = (masked.logsumexp(1), masked.logsumexp(0), z.diagonal())
+    assert float(want[0][:7].max()) < 36.0 - 87.3 + 8  # those rows' terms are subnormal indeed
+    for name, g, w in zip(("neg_row", "neg_col", "pos"), got, want):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=2e-3, msg=name)

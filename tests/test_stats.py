@@ -399,6 +399,7 @@ def gpu_tiles(monkeypatch):
 
     monkeypatch.setattr(ops, "_kernel_flags", flags)
     monkeypatch.setattr(ops, "_INTERPRETING", False)
+    monkeypatch.setattr(ops, "_autotuning", lambda: False)  # the interpreter times nothing
     # The tile sizes the launchers will now use: the GPU's, not the interpreter's 32 x 32 x 16.
     assert ops._tile_sizes(64, 4, backward=False)["BLOCK_N"] == 128
 
@@ -406,15 +407,25 @@ def gpu_tiles(monkeypatch):
 @pytest.mark.parametrize(
     ("n", "m", "k", "offset", "dtype"),
     [
-        (70, 150, 40, 41, torch.float32),  # forward 64 x 128 tiles, backward 32 x 64
-        (45, 45, 300, 0, torch.float32),  # k_pad 512: backward 32 x 32, four k slices
-        (150, 150, 72, 0, torch.bfloat16),  # forward 128 x 64 tiles, k slices of 64
+        (70, 150, 40, 41, torch.float32),  # forward 64 x 128 tiles, backward 32 x 32
+        (45, 45, 300, 0, torch.float32),  # k_pad 512: backward 32 x 32, eight k slices of 64
+        (150, 150, 72, 0, torch.bfloat16),  # forward 128 x 64, backward 64 x 64, k slice 128
     ],
     ids=["fp32-rect", "fp32-wide", "bf16-square"],
 )
 def test_gpu_tile_sizes_on_ragged_problems(gpu_tiles, n, m, k, offset, dtype) -> None:
     query, doc, ids = make_problem(n, m, k, offset, with_ids=True, seed=n + k)
     check_against_definition("triton", query, doc, 25.0, dtype, offset=offset, **ids)
+
+
+@pytest.mark.parametrize("candidate", range(4))
+def test_every_autotuned_backward_configuration(gpu_tiles, monkeypatch, candidate) -> None:
+    # What the autotuner may pick on a GPU for k_pad = 512, bf16: k slices of 128 ... 512.
+    candidates = ops._tile_candidates(512, 2, backward=True)
+    assert len(candidates) == 4
+    monkeypatch.setattr(ops, "_tile_sizes", lambda *args, **kwargs: candidates[candidate])
+    query, doc, ids = make_problem(70, 70, 300, 0, with_ids=True, seed=candidate)
+    check_against_definition("triton", query, doc, 25.0, torch.bfloat16, **ids)
 
 
 def test_gpu_tile_sizes_online_recomputation(gpu_tiles) -> None:

@@ -3,24 +3,26 @@ materialised square logits matrix in one read, and its gradient in one elementwi
 """
 
 from gcl_ops._triton import tl, triton
-from gcl_ops.kernels.tiles import LOG2E, _finish_lse, _tile_masks, _tile_pointers
+from gcl_ops.kernels.tiles import LOG2E, _tile_masks, _tile_pointers
 
 
 @triton.jit
 def _logits_stats_kernel(
     logits_ptr, qid_ptr, did_ptr,  # data
-    neg_row_ptr, col_max_ptr, col_sum_ptr,  # outputs: (N,), and (row blocks, N) partials
+    row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr,  # (splits, N), (row blocks, N) partials
     stride_n, stride_m,  # strides
-    n,  # size
+    n, num_splits,  # size, column splits
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
 ):  # fmt: skip
-    """One read of a square logits matrix: each row block's exact row log-sum-exp over negatives
-    (running maximum), and per-column partial (max, sum of exp(Z - max)) over its rows."""
-    pid = tl.program_id(0)
+    """One read of a square logits matrix. Program ``(m, s)`` takes row block ``m`` against
+    column tiles ``s, s + num_splits, ...`` and writes partial log-sum-exps over negatives as
+    ``(max, sum of exp(Z - max))``: its rows' at ``[s, rows]``, each tile's columns at ``[m,
+    cols]``; the launcher merges them."""
+    pid, pid_s = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for tile in range(0, tl.cdiv(n, BLOCK_N)):
+    for tile in range(pid_s, tl.cdiv(n, BLOCK_N), num_splits):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         negative, _ = _tile_masks(
             rows, cols, n, n, 0, qid_ptr, did_ptr, qid_ptr, did_ptr, HAS_QID, HAS_DID
@@ -40,14 +42,16 @@ def _logits_stats_kernel(
             tl.exp2((logits - safe_max[:, None]) * LOG2E), axis=1
         )
         running_max = new_max
-        # Columns: this block's partial statistics, merged by a log-sum-exp afterwards.
+        # Columns: this block's partial statistics.
         col_max = tl.max(logits, axis=0)
         safe_col_max = tl.where(col_max == float("-inf"), 0.0, col_max)
         col_sum = tl.sum(tl.exp2((logits - safe_col_max[None, :]) * LOG2E), axis=0)
         partial = pid.to(tl.int64) * n + cols
         tl.store(col_max_ptr + partial, col_max, mask=cols < n)
         tl.store(col_sum_ptr + partial, col_sum, mask=cols < n)
-    tl.store(neg_row_ptr + rows, _finish_lse(running_max, running_sum), mask=rows < n)
+    partial = pid_s.to(tl.int64) * n + rows
+    tl.store(row_max_ptr + partial, running_max, mask=rows < n)
+    tl.store(row_sum_ptr + partial, running_sum, mask=rows < n)
 
 
 @triton.jit

@@ -1,87 +1,107 @@
-"""Backward kernel of the embedding form: the gradient of one block of rows, recomputing ``Z``
-tile by tile (launched twice by ``gcl_ops.ops``, the second time with rows and columns swapped).
+"""Backward kernel of the embedding form: both gradients (and ``d t``) in one pass over the
+tiles, FlashAttention-2 style (a program owns a block of columns and the row blocks stream past).
 """
 
 from gcl_ops._triton import tl, triton
 from gcl_ops.kernels.tiles import (
     LOG2E,
-    MAX_FP16_EXPONENT,
-    _load_rows,
+    _cosine_tile,
+    _fp16_exponent,
     _power_of_two,
     _row_offsets,
-    _similarity_tile,
+    _tile_masks,
 )
 
 
 @triton.jit
 def _stats_bwd_kernel(
-    rows_ptr, cols_ptr, inv_rows_ptr, inv_cols_ptr,  # data
+    query_ptr, doc_ptr, inv_query_ptr, inv_doc_ptr,  # data
     row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
-    scale_ptr, neg_row_ptr, neg_col_ptr,  # t (fp16: and 2 bounds); (2, n) lse / t, hi and lo
+    scalars_ptr,  # t; fp16: also max_i 1/|q_i| and max_i (|g_row_i| + |g_pos_i|)
+    neg_row_ptr, neg_col_ptr,  # (2, N), (2, M): lse / t as hi and lo parts
     grad_neg_row_ptr, grad_neg_col_ptr, grad_pos_ptr,  # upstream gradients
-    grad_rows_ptr, scale_partials_ptr,  # outputs
-    stride_rn, stride_rk, stride_cn, stride_ck, stride_gn, stride_gk,  # strides
+    grad_query_ptr, grad_doc_ptr, scale_cols_ptr,  # fp32 outputs, zeroed: (N, k), (M, k), (M,)
+    stride_qn, stride_qk, stride_dn, stride_dk,  # strides of the inputs (outputs: (rows, k))
     n_rows, n_cols, k, diag_offset,  # sizes
-    K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    size_bucket,  # log2 of n_rows * n_cols, rounded: only a key for the autotuner
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICE: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
-    SCALE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NEED_QUERY: tl.constexpr, NEED_DOC: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Gradient of one block of rows: ``dR_i = through_norm(t * sum_j dZ_ij c^_j)``, recomputing
-    ``Z`` tile by tile; with ``SCALE_GRAD`` also the block's ``sum_ij dZ_ij S_ij``.
+    """The whole backward in one pass over the tiles (FlashAttention-2's layout): program
+    ``(c, r, s)`` owns column block ``c`` (documents) and the ``s``-th ``K_SLICE`` of the
+    embedding width, and visits row blocks ``r, r + R, ...`` (``R = num_programs(1)``). Per tile
+    it recomputes ``S`` (bitwise the forward's), forms ``dS = t dZ`` once and uses it twice:
+
+        dD^_c[:, s] += (dS * 1/|q|)^T Q_r[:, s]    (kept on chip for the whole row loop)
+        dQ^_r[:, s] += (dS * 1/|d|) D_c[:, s]      (added to ``grad_query_ptr`` atomically)
+
+    ``dX^`` is the gradient through the normalised vectors, ``dL/dx^ / |x|``-free: the launcher
+    applies ``dx = (dx^ - x <x, dx^> / |x|^2) / |x|`` (``_through_norm``). ``dD^`` is added
+    atomically too when row blocks are split across programs. With ``SCALE_GRAD`` (and
+    ``s == 0``), ``scale_cols_ptr[j] += sum_i dZ_ij S_ij`` (``d t`` = their sum).
 
     The statistics come as log-sum-exps in cosine units, ``lse / t = hi + lo`` (two fp32 parts:
     ``neg_row_ptr[i]``, ``neg_row_ptr[n_rows + i]``; 0 where there is no negative)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = rows < n_rows
-    inv_rows = tl.load(inv_rows_ptr + rows, mask=rows_ok, other=1.0) if NORMALIZE else None
-    scale = tl.load(scale_ptr).to(tl.float32)
-    neg_row = tl.load(neg_row_ptr + rows, mask=rows_ok, other=0.0)
-    neg_row_lo = tl.load(neg_row_ptr + n_rows + rows, mask=rows_ok, other=0.0)
-    grad_neg_row = tl.load(grad_neg_row_ptr + rows, mask=rows_ok, other=0.0)
-    grad_pos = tl.load(grad_pos_ptr + rows, mask=rows_ok, other=0.0)
-
-    grad_rows_hat = tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)  # dL/dr^ (fp16: times 2^e)
-    # fp16 operands of dS @ C: dS_ij ~ t w / N^2 is far below fp16's smallest normal (6e-5) at
-    # large N, and would flush to 0 in the cast. The block's dS is scaled by a power of two 2^e
-    # fixed before the loop, folded into the upstream gradients (dS is linear in them; no extra
-    # work per entry), and undone in fp32 at the end. (bf16 has fp32's exponent range and fp32
-    # casts nothing: no scaling.) On negatives P <= 1 (clamped below), so with
-    # a = max_j 1/|c_j| and b = max_j |g_col_j| / |c_j| (1/|c_j| = 1 without normalisation),
-    # from the launcher in scale_ptr[1:3]:
-    #     |dS_ij| <= bound = t (a max_i (|g_row_i| + |g_pos_i|) + b),
-    # and e = 13 - floor(log2 bound) puts bound 2^e in [2^13, 2^14): nothing passes fp16's
-    # 65504. An entry f times below the bound keeps fp16's full 11 bits down to f = 2^-27 (then
-    # subnormals); e is clamped to [-100, 100]. One e per block, not per row: per-row factors
-    # cost registers that the K_PAD = 1024 tiles do not have (benchmarks/static_tile_check.py).
-    RESCALE: tl.constexpr = rows_ptr.dtype.element_ty == tl.float16
+    pid_c = tl.program_id(0)
+    slice_start = tl.program_id(2) * K_SLICE
+    cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_ok = cols < n_cols
+    scale = tl.load(scalars_ptr).to(tl.float32)
+    neg_col = tl.load(neg_col_ptr + cols, mask=cols_ok, other=0.0)
+    neg_col_lo = tl.load(neg_col_ptr + n_cols + cols, mask=cols_ok, other=0.0)
+    grad_neg_col = tl.load(grad_neg_col_ptr + cols, mask=cols_ok, other=0.0)
+    inv_cols = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+    if NORMALIZE:
+        inv_cols = tl.load(inv_doc_ptr + cols, mask=cols_ok, other=1.0)
+    # dS enters the two GEMMs in the inputs' precision, like P @ V in attention, scaled by the
+    # other side's 1/|x| (the GEMMs then run on the raw, unnormalised inputs).
+    # fp16: dS_ij ~ t w / N^2 is far below fp16's smallest normal (6e-5) at large N and would
+    # flush to 0 in the cast. Each operand is scaled by a power of two 2^e before the cast and
+    # the fp32 result by 2^-e after (exact). With P <= 1 on negatives (clamped below),
+    #     |dZ_ij| <= G + max_{j in c} |g_col_j|,   G = max_i (|g_row_i| + |g_pos_i|),
+    # times t and the largest 1/|x| on the side that scales the operand bounds it; e puts that
+    # bound in [2^13, 2^14), so nothing passes fp16's 65504 and an entry f times below the bound
+    # keeps fp16's 11 bits down to f = 2^-27 (then subnormals); e is clamped to [-100, 100].
+    # (bf16 has fp32's exponent range and fp32 casts nothing: no scaling.)
+    RESCALE: tl.constexpr = query_ptr.dtype.element_ty == tl.float16
+    col_factor = inv_cols  # of dS for dQ^ = dS' D, per column
+    doc_up = 1.0
+    query_down = 1.0
+    doc_down = 1.0
     if RESCALE:
-        bound = scale * (
-            tl.load(scale_ptr + 1) * tl.max(tl.abs(grad_neg_row) + tl.abs(grad_pos), axis=0)
-            + tl.load(scale_ptr + 2)
-        )
-        # floor(log2 x) = (biased exponent) - 127 for a normal x > 0: bits >> 23.
-        bound_bits = tl.maximum(bound, 1e-30).to(tl.int32, bitcast=True)
-        exponent = tl.minimum(tl.maximum(140 - (bound_bits >> 23), -MAX_FP16_EXPONENT),
-                              MAX_FP16_EXPONENT)  # fmt: skip
-        up = _power_of_two(exponent)
-        grad_neg_row = grad_neg_row * up
-        grad_pos = grad_pos * up
-    scale_grad = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for tile in range(0, tl.cdiv(n_cols, BLOCK_N)):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols_ok = cols < n_cols
-        cosines, negative, positive, inv_cols = _similarity_tile(
-            rows_ptr, cols_ptr, inv_cols_ptr, row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,
-            rows, cols, inv_rows, stride_rn, stride_rk, stride_cn, stride_ck,
-            n_rows, n_cols, k, diag_offset,
-            BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, HAS_QID, HAS_DID, INPUT_PRECISION, UPCAST,
+        grad_bound = scale * (tl.load(scalars_ptr + 2) + tl.max(tl.abs(grad_neg_col), axis=0))
+        query_exponent = _fp16_exponent(grad_bound * tl.max(inv_cols, axis=0))
+        doc_exponent = _fp16_exponent(grad_bound * tl.load(scalars_ptr + 1))
+        col_factor = inv_cols * _power_of_two(query_exponent)
+        doc_up = _power_of_two(doc_exponent)
+        query_down = _power_of_two(-query_exponent)
+        doc_down = _power_of_two(-doc_exponent)
+
+    offs_slice = slice_start + tl.arange(0, K_SLICE)
+    slice_ok = offs_slice < k
+    grad_doc_hat = tl.zeros((BLOCK_N, K_SLICE), dtype=tl.float32)
+    scale_cols = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row_block in range(tl.program_id(1), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(1)):
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_ok = rows < n_rows
+        inv_rows = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        if NORMALIZE:
+            inv_rows = tl.load(inv_query_ptr + rows, mask=rows_ok, other=1.0)
+        neg_row = tl.load(neg_row_ptr + rows, mask=rows_ok, other=0.0)
+        neg_row_lo = tl.load(neg_row_ptr + n_rows + rows, mask=rows_ok, other=0.0)
+        grad_neg_row = tl.load(grad_neg_row_ptr + rows, mask=rows_ok, other=0.0)
+        grad_pos = tl.load(grad_pos_ptr + rows, mask=rows_ok, other=0.0)
+        cosines = _cosine_tile(
+            query_ptr, doc_ptr, rows, cols, inv_rows, inv_cols,
+            stride_qn, stride_qk, stride_dn, stride_dk, n_rows, n_cols, k,
+            BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
-        neg_col = tl.load(neg_col_ptr + cols, mask=cols_ok, other=0.0)
-        neg_col_lo = tl.load(neg_col_ptr + n_cols + cols, mask=cols_ok, other=0.0)
-        grad_neg_col = tl.load(grad_neg_col_ptr + cols, mask=cols_ok, other=0.0)
-        if RESCALE:
-            grad_neg_col = grad_neg_col * up
+        negative, positive = _tile_masks(
+            rows, cols, n_rows, n_cols, diag_offset,
+            row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr, HAS_QID, HAS_DID,
+        )  # fmt: skip
         # dZ = g_row_i P_row + g_col_j P_col on negatives, g_pos_i on the positive, else 0, with
         # P = exp(Z - lse) = exp2((S - hi - lo) t log2(e)). In cosine units S - hi is exact
         # where it matters (P not negligible: S near hi, Sterbenz) and every later rounding is
@@ -97,33 +117,47 @@ def _stats_bwd_kernel(
         )
         grad_logits = tl.where(positive, grad_pos[:, None], grad_logits)
         if SCALE_GRAD:
-            scale_grad += tl.sum(grad_logits * cosines, axis=1)
-        # dS = t dZ; dr^_i += sum_j dS_ij c_j / |c_j|, in the inputs' precision like P @ V.
-        grad_cosines = grad_logits * scale
-        if NORMALIZE:
-            grad_cosines = grad_cosines * inv_cols[None, :]
-        grad_cosines = grad_cosines.to(rows_ptr.dtype.element_ty)
-        if UPCAST:
-            grad_cosines = grad_cosines.to(tl.float32)
-        col_tile = _load_rows(cols_ptr, cols, stride_cn, stride_ck, n_cols, k, K_PAD, UPCAST)
-        grad_rows_hat += tl.dot(grad_cosines, col_tile, input_precision=INPUT_PRECISION)
-
-    if RESCALE:
-        down = _power_of_two(-exponent)  # exact: powers of two
-        grad_rows_hat = grad_rows_hat * down
-        scale_grad = scale_grad * down
-    grad_rows = grad_rows_hat
-    if NORMALIZE:
-        # dr_i = (dr^_i - r_i <r_i, dr^_i> / |r_i|^2) / |r_i|
-        row_values = _load_rows(rows_ptr, rows, stride_rn, stride_rk, n_rows, k, K_PAD, UPCAST)
-        row_values = row_values.to(tl.float32)
-        radial = tl.sum(row_values * grad_rows_hat, axis=1) * inv_rows * inv_rows
-        grad_rows = (grad_rows_hat - row_values * radial[:, None]) * inv_rows[:, None]
-    offs_k = tl.arange(0, K_PAD)
-    tl.store(
-        grad_rows_ptr + _row_offsets(rows, offs_k, stride_gn, stride_gk),
-        grad_rows.to(grad_rows_ptr.dtype.element_ty),
-        mask=rows_ok[:, None] & (offs_k < k)[None, :],
-    )
-    if SCALE_GRAD:
-        tl.store(scale_partials_ptr + pid, tl.sum(scale_grad, axis=0))
+            scale_cols += tl.sum(grad_logits * cosines, axis=0)
+        grad_cosines = grad_logits * scale  # dS = t dZ
+        if NEED_DOC:  # dD^_c += (dS / |q|)^T Q_r over this program's slice of k
+            row_factor = inv_rows * doc_up if RESCALE else inv_rows
+            doc_operand = (grad_cosines * row_factor[:, None]).to(query_ptr.dtype.element_ty)
+            row_slice = tl.load(
+                query_ptr + _row_offsets(rows, offs_slice, stride_qn, stride_qk),
+                mask=rows_ok[:, None] & slice_ok[None, :], other=0.0,
+            )  # fmt: skip
+            if UPCAST:  # the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584)
+                doc_operand = doc_operand.to(tl.float32)
+                row_slice = row_slice.to(tl.float32)
+            grad_doc_hat = tl.dot(tl.trans(doc_operand), row_slice, grad_doc_hat,
+                                  input_precision=INPUT_PRECISION)  # fmt: skip
+        if NEED_QUERY:  # dQ^_r += (dS / |d|) D_c, BLOCK_K columns at a time, added atomically
+            query_operand = (grad_cosines * col_factor[None, :]).to(query_ptr.dtype.element_ty)
+            if UPCAST:
+                query_operand = query_operand.to(tl.float32)
+            for chunk in range(0, K_SLICE, BLOCK_K):
+                offs_k = slice_start + chunk + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < k
+                col_chunk = tl.load(
+                    doc_ptr + _row_offsets(cols, offs_k, stride_dn, stride_dk),
+                    mask=cols_ok[:, None] & k_ok[None, :], other=0.0,
+                )  # fmt: skip
+                if UPCAST:
+                    col_chunk = col_chunk.to(tl.float32)
+                grad_chunk = tl.dot(query_operand, col_chunk, input_precision=INPUT_PRECISION)
+                if RESCALE:
+                    grad_chunk = grad_chunk * query_down
+                tl.atomic_add(
+                    grad_query_ptr + _row_offsets(rows, offs_k, k, 1), grad_chunk,
+                    mask=rows_ok[:, None] & k_ok[None, :], sem="relaxed",
+                )  # fmt: skip
+    if NEED_DOC:
+        if RESCALE:
+            grad_doc_hat = grad_doc_hat * doc_down
+        tl.atomic_add(
+            grad_doc_ptr + _row_offsets(cols, offs_slice, k, 1), grad_doc_hat,
+            mask=cols_ok[:, None] & slice_ok[None, :], sem="relaxed",
+        )  # fmt: skip
+    if SCALE_GRAD:  # noqa: SIM102 (a compile-time switch, then a runtime test)
+        if slice_start == 0:
+            tl.atomic_add(scale_cols_ptr + cols, scale_cols, mask=cols_ok, sem="relaxed")

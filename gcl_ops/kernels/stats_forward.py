@@ -14,12 +14,14 @@ def _stats_fwd_kernel(
     scale_ptr, shift_ptr,  # device scalars t and the fixed shift in cosine units, shift / t
     row_sum_ptr, col_sum_ptr, pos_ptr,  # outputs, zero-initialised, accumulated atomically
     stride_rn, stride_rk, stride_cn, stride_ck,  # strides
-    n_rows, n_cols, k, diag_offset, num_splits,  # sizes
+    n_rows, n_cols, k, diag_offset,  # sizes
+    size_bucket,  # log2 of n_rows * n_cols, rounded: only a key for the autotuner
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Program ``(m, s)``: rows block ``m`` against column tiles ``s, s + num_splits, ...``.
+    """Program ``(m, s)``: rows block ``m`` against column tiles ``s, s + S, ...`` (``S =
+    num_programs(1)``, the column splits).
 
     row_sum_i += sum_j exp(t (S_ij - sigma)), col_sum_j += sum_i exp(t (S_ij - sigma)) over
     negatives, with ``sigma = shift / t``; pos_i = Z_{i, i + diag_offset}.
@@ -38,7 +40,7 @@ def _stats_fwd_kernel(
 
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     positive_cosine = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for tile in range(pid_s, tl.cdiv(n_cols, BLOCK_N), num_splits):
+    for tile in range(pid_s, tl.cdiv(n_cols, BLOCK_N), tl.num_programs(1)):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < n_cols
         cosines, negative, positive, inv_cols = _similarity_tile(
@@ -74,10 +76,10 @@ def _stats_fwd_kernel(
         exponent_err = product_err + (gap * exp_scale_lo + gap_err * exp_scale)
         shifted = tl.where(negative, tl.exp2(exponent) * (1.0 + exponent_err * LN2), 0.0)
         row_sum += tl.sum(shifted, axis=1)
-        tl.atomic_add(col_sum_ptr + cols, tl.sum(shifted, axis=0), mask=cols_ok)
+        tl.atomic_add(col_sum_ptr + cols, tl.sum(shifted, axis=0), mask=cols_ok, sem="relaxed")
         positive_cosine += tl.sum(tl.where(positive, cosines, 0.0), axis=1)
-    tl.atomic_add(row_sum_ptr + rows, row_sum, mask=rows_ok)
-    tl.atomic_add(pos_ptr + rows, positive_cosine * scale, mask=rows_ok)
+    tl.atomic_add(row_sum_ptr + rows, row_sum, mask=rows_ok, sem="relaxed")
+    tl.atomic_add(pos_ptr + rows, positive_cosine * scale, mask=rows_ok, sem="relaxed")
 
 
 @triton.jit

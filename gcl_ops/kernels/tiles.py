@@ -35,21 +35,6 @@ def _tile_pointers(ptr, row_start, col_start, stride_n, stride_m,
 
 
 @triton.jit
-def _load_rows(ptr, rows, stride_n, stride_k, n, k, K_PAD: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows ``rows`` of an ``(n, k)`` matrix as a ``(len(rows), K_PAD)`` tile, zero-padded."""
-    offs_k = tl.arange(0, K_PAD)
-    mask = (rows < n)[:, None] & (offs_k < k)[None, :]
-    tile = tl.load(
-        ptr + _row_offsets(rows, offs_k, stride_n, stride_k),
-        mask=mask,
-        other=0.0,
-    )
-    if UPCAST:  # the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584)
-        tile = tile.to(tl.float32)
-    return tile
-
-
-@triton.jit
 def _cosine_tile(
     rows_ptr, cols_ptr, rows, cols, inv_rows, inv_cols,
     stride_rn, stride_rk, stride_cn, stride_ck, n_rows, n_cols, k,
@@ -158,15 +143,16 @@ FUSED_FMA = tl.constexpr(not interpreting(_fma_probe))
 
 
 @triton.jit
-def _finish_lse(running_max, running_sum):
-    """Log-sum-exp ``max + log(sum)`` from a running maximum and the sum of ``exp(x - max)``;
-    -inf for an empty sum."""
-    lse = running_max + tl.log2(tl.maximum(running_sum, 1e-38)) * LN2
-    return tl.where(running_sum == 0.0, float("-inf"), lse)
-
-
-@triton.jit
 def _power_of_two(exponent):
     """``2^exponent`` exactly, for int32 ``exponent`` in fp32's normal range [-126, 127]: the
     biased exponent written straight into the float's bits."""
     return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp16_exponent(bound):
+    """``e`` with ``bound 2^e`` in ``[2^13, 2^14)``, clamped to ``[-100, 100]``, for ``bound > 0``
+    (``floor(log2 x)`` of a normal fp32 ``x`` is its biased exponent ``bits >> 23`` minus 127)."""
+    bits = tl.maximum(bound, 1e-30).to(tl.int32, bitcast=True)
+    exponent = 140 - (bits >> 23)
+    return tl.minimum(tl.maximum(exponent, -MAX_FP16_EXPONENT), MAX_FP16_EXPONENT)
