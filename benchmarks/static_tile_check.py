@@ -355,7 +355,7 @@ def flops(launch: Launch, gemms: int) -> tuple[str, str, int]:
     if name == "_online_lse_kernel":
         return "0", "2k for the flagged rows only (none usually)", 0
     k_pad = ops._k_pad(k)
-    slices = triton.cdiv(k_pad, args["K_SLICE"])
+    slices = triton.cdiv(k, args["K_SLICE"])
     note = f"S again ({slices} k slice{'s' * (slices > 1)}) + dS^T Q + dS D"
     return f"{2 * slices + 4}k", note, slices * similarity + 4 * k_pad
 

@@ -90,17 +90,21 @@ def _scale_tensor(
     return torch.tensor(float(logit_scale), dtype=dtype, device=device)
 
 
-def resolve_backend(impl: str, x: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"`` for ``impl`` and the ``(N, k)`` input ``x``; raises with the
+def resolve_backend(impl: str, x: torch.Tensor, *others: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for ``impl`` and the ``(N, k)`` input ``x`` (with ``others``,
+    the inputs it is computed with, whose dtype joins ``x``'s by type promotion); raises with the
     reason when ``impl="triton"`` cannot run."""
     _checks.check_choice(impl, _checks.IMPLS, "impl")
     if impl == "torch":
         return "torch"
+    dtype = x.dtype
+    for other in others:
+        dtype = torch.promote_types(dtype, other.dtype)
     problem = None
     if not HAS_TRITON:
         problem = "triton is not installed"
-    elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        problem = f"the Triton kernels take fp32, fp16 or bf16, not {x.dtype}"
+    elif dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        problem = f"the Triton kernels take fp32, fp16 or bf16, not {dtype}"
     elif x.shape[-1] > MAX_TRITON_K:
         problem = f"the Triton kernels take k <= {MAX_TRITON_K}, got k = {x.shape[-1]}"
     elif x.device.type == "cpu" and not interpreting(_stats_fwd_kernel):
@@ -151,7 +155,7 @@ def gcl_stats(
 
     Equivalent PyTorch: ``gcl_ops.reference.naive_gcl_stats(query, doc, t, ...)``.
     """
-    backend = resolve_backend(impl, query)
+    backend = resolve_backend(impl, query, doc)
     query, doc, dtype = _prepare_embeddings(query, doc, backend)
     scale = _scale_tensor(logit_scale, dtype, query.device)
     return _GCLStatsFunction.apply(

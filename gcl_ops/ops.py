@@ -51,8 +51,8 @@ def _tile_candidates(
     chip and ``BLOCK_M x BLOCK_K`` chunks of ``dQ^``; ``k`` is cut into ``K_PAD / K_SLICE``
     slices, each recomputing ``S`` (2k FLOPs per N^2 each): one slice reaches the 6k of a
     backward without recomputation but costs registers. The defaults are the largest tiles that
-    ptxas compiles for Hopper (sm_90a) without register spills (fp32 with IEEE GEMMs, which run
-    on the FMA units, spills at every size tried; its default spills least), from
+    ptxas compiles for Hopper (sm_90a) without register spills (fp32 with IEEE GEMMs runs on the
+    FMA units, in small tiles and 64-wide slices), from
     ``benchmarks/static_tile_check.py``; the alternatives spill a little (or recompute more) and
     are there for the autotuner to time: on a GPU the first call of each problem size bucket,
     width and dtype times them all and keeps the fastest. Not yet timed on a GPU.
@@ -74,9 +74,9 @@ def _tile_candidates(
         return [first, second, dict(first, num_stages=4)]
     if not half and not tf32:  # FMA loops: small tiles
         candidates = [
-            tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 64)),
-            tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 128)),
-            tiles(64, 64, 8, 2, K_SLICE=min(k_pad, 64)),
+            tiles(32, 32, 8, 2, K_SLICE=min(k_pad, 64)),
+            tiles(16, 32, 4, 2, K_SLICE=min(k_pad, 64)),
+            tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 32)),
         ]
         return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
     # bf16: a 32-wide GEMM slice leaves the registers that 256-wide k slices need (fp16's
@@ -98,14 +98,48 @@ def _tile_sizes(
 
 def _autotuning() -> bool:
     """Whether launches go through ``triton.autotune``: on a GPU, unless ``GCL_OPS_AUTOTUNE=0``
-    (then the default tiles launch, as under the interpreter, which times nothing)."""
-    return not _INTERPRETING and os.environ.get("GCL_OPS_AUTOTUNE", "1") != "0"
+    (then the default tiles launch, as under the interpreter, which times nothing) or a CUDA
+    graph is being captured (timing synchronises, which a capture does not allow)."""
+    if _INTERPRETING or os.environ.get("GCL_OPS_AUTOTUNE", "1") == "0":
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+#: Compile options of every embedding-form launch. No floating-point contraction: the kernels
+#: compute S bitwise alike in every kernel that recomputes it, and the forward carries rounding
+#: errors by TwoSum and an explicit fma; LLVM would otherwise fuse a product into the next
+#: addition where one kernel's code allows it and another's does not.
+_COMPILE_OPTIONS = dict(enable_fp_fusion=False)
+
+
+#: Problems above this many entries (65,536^2) share one autotuning bucket, timed once on their
+#: leading block of that size (``_tune_on_leading_block``): a first call at N = 1M would
+#: otherwise time every candidate at full size, minutes on the first step.
+_TUNE_ENTRIES = 1 << 32
+_TUNED_ON_LEADING_BLOCK: set = set()
 
 
 def _size_bucket(n_rows: int, n_cols: int) -> int:
-    """``round(log2(n_rows n_cols) / 2)``: problems whose tiles the autotuner times once (with
-    the width ``k``, the dtypes and the compile-time switches)."""
-    return round(math.log2(max(n_rows * n_cols, 1)) / 2)
+    """``round(log2(n_rows n_cols) / 2)``, at most 16: problems whose tiles the autotuner times
+    once (with the width ``k``, the dtypes and the compile-time switches)."""
+    return round(math.log2(max(min(n_rows * n_cols, _TUNE_ENTRIES), 1)) / 2)
+
+
+def _tune_on_leading_block(key: tuple, n_rows: int, n_cols: int, launch) -> None:
+    """Before the first autotuned launch of a problem above ``_TUNE_ENTRIES`` (per ``key``: the
+    kernel, width, dtype and switches), ``launch(rows, cols)`` runs the same problem on its
+    leading ``rows x cols`` block (at most 65,536 rows, at most ``_TUNE_ENTRIES`` entries,
+    offset 0), whose result is discarded: the autotuner times the candidates there, and the
+    full problem, in the same size bucket, then launches with the tiles it chose."""
+    if not _autotuning() or n_rows * n_cols <= _TUNE_ENTRIES or key in _TUNED_ON_LEADING_BLOCK:
+        return
+    rows = min(n_rows, 1 << 16)
+    launch(rows, min(n_cols, _TUNE_ENTRIES // rows))
+    _TUNED_ON_LEADING_BLOCK.add(key)
+
+
+def _head(ids: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    return None if ids is None else ids[:length]
 
 
 def _config_tiles(config) -> dict:
@@ -267,6 +301,12 @@ def _triton_stats_forward(
     shift_arguments = torch.cat([shift_cosine, exp_scale.reshape(1), exp_scale_lo.reshape(1)])
     row_sum, col_sum, pos = torch.zeros(n, **f32), torch.zeros(m, **f32), torch.zeros(n, **f32)
 
+    key = ("forward", k, query.dtype, normalize, query_ids is None, doc_ids is None,
+           _allow_tf32())  # fmt: skip
+    _tune_on_leading_block(key, n, m, lambda rows, cols: _triton_stats_forward(
+        query[:rows], doc[:cols], scale, _head(query_ids, cols), _head(doc_ids, cols), 0,
+        normalize,
+    ))  # fmt: skip
     tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=False, tf32=_allow_tf32())
     block_m = tiles["BLOCK_M"]
     id_pointers, id_flags = _ids_arguments(query_ids, doc_ids, offset, n, row_sum, swap=False)
@@ -283,10 +323,13 @@ def _triton_stats_forward(
         n, m, k, offset, _size_bucket(n, m),
     )  # fmt: skip
     if _autotuning():
-        _autotuned("forward")[grid](*arguments, **flags)
+        _autotuned("forward")[grid](*arguments, **flags, **_COMPILE_OPTIONS)
     else:
-        _stats_fwd_kernel[grid](*arguments, **flags, **tiles)
-    constants = dict(flags, **tiles)
+        _stats_fwd_kernel[grid](*arguments, **flags, **tiles, **_COMPILE_OPTIONS)
+    # The recomputation (rarely run) in at most 64-wide column tiles, 4 warps, 2 stages:
+    # the forward's 128-wide tiles spill there for fp32 with IEEE dot products.
+    constants = {**flags, **tiles, "BLOCK_N": min(tiles["BLOCK_N"], 64), "num_warps": 4,
+                 "num_stages": 2, **_COMPILE_OPTIONS}  # fmt: skip
     # lse = t sigma + log(sum) in float64, rounded to fp32 once (the output) and split into two
     # fp32 parts for the backward: at |lse| ~ 300 one fp32 rounding is up to 1.5e-5, a relative
     # error of every P = exp(Z - lse) that the backward would sum up t-fold.
@@ -354,6 +397,14 @@ def _triton_stats_backward(
     need_query, need_doc, need_scale = needs_grad
     if need_scale and not (need_query or need_doc):
         need_query = True  # d scale comes out of a gradient pass
+    key = ("backward", k, query.dtype, normalize, query_ids is None, doc_ids is None,
+           _allow_tf32(), need_query, need_doc, need_scale)  # fmt: skip
+    _tune_on_leading_block(key, n, m, lambda rows, cols: _triton_stats_backward(
+        query[:rows], doc[:cols], scale, _head(query_ids, cols), _head(doc_ids, cols),
+        neg_row[:rows], neg_col[:cols], grad_neg_row[:rows], grad_neg_col[:cols],
+        grad_pos[:rows], 0, normalize, (need_query, need_doc, need_scale),
+        row_parts[:, :rows].contiguous(), col_parts[:, :cols].contiguous(),
+    ))  # fmt: skip
     # fp32 accumulators of dQ^, dD^ (through the normalised vectors), added to atomically.
     grad_query_hat = torch.zeros(n if need_query else 0, k, **f32)
     grad_doc_hat = torch.zeros(m if need_doc else 0, k, **f32)
@@ -378,13 +429,14 @@ def _triton_stats_backward(
         n, m, k, offset, _size_bucket(n, m),
     )  # fmt: skip
     if _autotuning():
-        _autotuned("backward")[grid](*arguments, **flags)
+        _autotuned("backward")[grid](*arguments, **flags, **_COMPILE_OPTIONS)
     else:
         tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=True, tf32=_allow_tf32(),
                             fp16=query.dtype == torch.float16)  # fmt: skip
-        _stats_bwd_kernel[grid](*arguments, **flags, **tiles)
+        _stats_bwd_kernel[grid](*arguments, **flags, **tiles, **_COMPILE_OPTIONS)
     grad_scale = scale_cols.double().sum().to(scale.dtype)
     grad_query = _through_norm(query, grad_query_hat, inv_query, normalize) if need_query else None
+    del grad_query_hat
     grad_doc = _through_norm(doc, grad_doc_hat, inv_doc, normalize) if need_doc else None
     return (
         query.new_empty(0) if grad_query is None else grad_query,
@@ -393,16 +445,24 @@ def _triton_stats_backward(
     )
 
 
+#: Rows per step of ``_through_norm``: bounds its fp32 temporaries to 32K x k.
+_THROUGH_NORM_ROWS = 1 << 15
+
+
 def _through_norm(
     x: torch.Tensor, grad_hat: torch.Tensor, inv_norms: torch.Tensor, normalize: bool
 ) -> torch.Tensor:
     """``dL/dx`` in ``x``'s dtype from the fp32 ``dL/dx^`` through ``x^ = x / |x|`` (the
-    identity without normalisation): ``dx = (dx^ - x <x, dx^> / |x|^2) / |x|``."""
+    identity without normalisation): ``dx = (dx^ - x <x, dx^> / |x|^2) / |x|``, computed in
+    place in ``grad_hat``, in blocks of rows."""
     if not normalize:
         return grad_hat.to(x.dtype)
-    values = x.float()
-    radial = (values * grad_hat).sum(dim=1) * inv_norms * inv_norms
-    return ((grad_hat - values * radial[:, None]) * inv_norms[:, None]).to(x.dtype)
+    for start in range(0, x.shape[0], _THROUGH_NORM_ROWS):
+        rows = slice(start, start + _THROUGH_NORM_ROWS)
+        values, grad, inverse = x[rows].float(), grad_hat[rows], inv_norms[rows]
+        radial = torch.linalg.vecdot(values, grad) * inverse * inverse
+        grad.addcmul_(values, radial[:, None], value=-1.0).mul_(inverse[:, None])
+    return grad_hat.to(x.dtype)
 
 
 def _backward_grid(n_rows: int, n_cols: int, k: int, tiles: dict, device: torch.device) -> tuple:
@@ -411,7 +471,7 @@ def _backward_grid(n_rows: int, n_cols: int, k: int, tiles: dict, device: torch.
     the row blocks are then split too, for about two programs per SM, at the price of one more
     atomic add of each program's ``dD^`` block."""
     col_blocks = triton.cdiv(n_cols, tiles["BLOCK_N"])
-    k_slices = triton.cdiv(_k_pad(k), tiles["K_SLICE"])
+    k_slices = triton.cdiv(k, tiles["K_SLICE"])  # (none wholly beyond k)
     row_blocks = triton.cdiv(n_rows, tiles["BLOCK_M"])
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count

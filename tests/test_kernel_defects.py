@@ -305,3 +305,58 @@ def test_scale_gradient_at_large_logits() -> None:
 
     query, doc, ids = make_problem(14, 33, 2, 0, with_ids=False, seed=1)
     check_against_definition("triton", query, doc, 316.0, torch.float32, offset=0, **ids)
+
+
+# ------------------------------------------------------------------------------------------
+# Autotuning large problems: the candidates are timed on the leading block, once per key.
+# ------------------------------------------------------------------------------------------
+
+
+class _RecordingAutotuner:
+    """Stands in for ``triton.autotune`` of a kernel (the interpreter times nothing): records the
+    problem size of each launch and launches the default tiles."""
+
+    def __init__(self, which: str, calls: list):
+        backward = which == "backward"
+        self.kernel = ops._stats_bwd_kernel if backward else ops._stats_fwd_kernel
+        self.which, self.calls, self.backward = which, calls, backward
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.kernel.arg_names, args))
+            self.calls.append((self.which, named["n_rows"], named["n_cols"]))
+            tiles = ops._tile_sizes(ops._k_pad(named["k"]), 4, self.backward)
+            return self.kernel[grid](*args, **kwargs, **tiles)
+
+        return launch
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="replaces the autotuner, as on the interpreter")
+def test_large_problems_are_tuned_on_their_leading_block(monkeypatch) -> None:
+    calls: list = []
+    monkeypatch.setattr(ops, "_autotuning", lambda: True)
+    monkeypatch.setattr(ops, "_autotuned", lambda which: _RecordingAutotuner(which, calls))
+    monkeypatch.setattr(ops, "_TUNE_ENTRIES", 1600)  # 30 x 90 = 2700 entries: a "large" problem
+    monkeypatch.setattr(ops, "_TUNED_ON_LEADING_BLOCK", set())
+    query, doc, ids = make_problem(30, 90, 24, 41, with_ids=True, seed=2)
+    scale = torch.tensor(20.0, dtype=torch.float64)
+
+    def stats_and_grads(impl: str):
+        q, d = query.float().requires_grad_(), doc.float().requires_grad_()
+        t = scale.float().requires_grad_()
+        stats = gcl_ops.contrastive.gcl_stats(q, d, t, offset=41, impl=impl, **ids)
+        upstream = torch.linspace(-1.0, 1.0, 150)
+        loss = (torch.cat(stats) * upstream).sum()
+        return [*stats, *torch.autograd.grad(loss, (q, d, t))]
+
+    got = stats_and_grads("triton")
+    # The leading block (30 rows x 1600 // 30 = 53 columns) first, then the problem itself.
+    assert calls == [("forward", 30, 53), ("forward", 30, 90),
+                     ("backward", 30, 53), ("backward", 30, 90)]  # fmt: skip
+    calls.clear()
+    again = stats_and_grads("triton")
+    assert calls == [("forward", 30, 90), ("backward", 30, 90)]  # tuned once per key
+    want = stats_and_grads("torch")
+    for g, a, w in zip(got, again, want):
+        torch.testing.assert_close(g, a, rtol=0, atol=0)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ from gcl_ops.kernels.tiles import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["size_bucket"])
 def _stats_bwd_kernel(
     query_ptr, doc_ptr, inv_query_ptr, inv_doc_ptr,  # data
     row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
@@ -72,7 +72,9 @@ def _stats_bwd_kernel(
     doc_down = 1.0
     if RESCALE:
         grad_bound = scale * (tl.load(scalars_ptr + 2) + tl.max(tl.abs(grad_neg_col), axis=0))
-        query_exponent = _fp16_exponent(grad_bound * tl.max(inv_cols, axis=0))
+        query_exponent = _fp16_exponent(
+            grad_bound * tl.max(tl.where(cols_ok, inv_cols, 0.0), axis=0)
+        )
         doc_exponent = _fp16_exponent(grad_bound * tl.load(scalars_ptr + 1))
         col_factor = inv_cols * _power_of_two(query_exponent)
         doc_up = _power_of_two(doc_exponent)
@@ -83,7 +85,11 @@ def _stats_bwd_kernel(
     slice_ok = offs_slice < k
     grad_doc_hat = tl.zeros((BLOCK_N, K_SLICE), dtype=tl.float32)
     scale_cols = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for row_block in range(tl.program_id(1), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(1)):
+    row_blocks = tl.cdiv(n_rows, BLOCK_M)
+    for visit in range(tl.program_id(1), row_blocks, tl.num_programs(1)):
+        # Each column block starts at another row block: the programs resident at once add to
+        # different rows of dQ^ instead of all contending for the first ones.
+        row_block = (visit + pid_c) % row_blocks
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_ok = rows < n_rows
         inv_rows = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)

@@ -7,7 +7,7 @@ from gcl_ops._triton import tl, triton
 from gcl_ops.kernels.tiles import FUSED_FMA, LN2, LOG2E, _similarity_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["size_bucket"])
 def _stats_fwd_kernel(
     rows_ptr, cols_ptr, inv_rows_ptr, inv_cols_ptr,  # data
     row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
