@@ -1,0 +1,569 @@
+"""GCL as a sentence-transformers loss: graded scores as pair weights, in-batch duplicates masked.
+
+An optional integration (``pip install "gcl-ops[st]"``); ``import gcl_ops`` never imports it.
+
+* ``GCLLoss(model, ...)``: the loss that ``SentenceTransformerTrainer`` expects,
+  ``forward(sentence_features, labels)``, for ``(query, document)`` pairs with an optional
+  ``score`` (or ``label``) column, which the trainer's collator passes as ``labels``. The loss is
+  ``gcl_ops.gcl_loss`` (paper Eq. 4, both softmax directions) on the cosine similarities times
+  ``scale``, each pair weighted by ``score_to_weight(score)`` (``weights_from="score"``), by the
+  column itself (``"weight"``) or not at all (``"none"``: then it equals sentence-transformers'
+  symmetric ``MultipleNegativesRankingLoss``, ``directions=("query_to_doc", "doc_to_query")``,
+  ``partition_mode="per_direction"``).
+* In-batch duplicates without id columns: the same text in a column gets the same id, a hash of
+  its token ids with padding excluded (``duplicate_ids``), and pairs sharing a query or a document
+  leave each other's softmax denominators (``docs/CONTRACT.md`` section 4); across ranks too.
+* ``CachedGCLLoss(model, ..., mini_batch_size=32)``: the same loss on sentence-transformers' own
+  gradient cache (``CachedLossMixin``: replayed dropout, AMP, DDP ``no_sync``, ``MatryoshkaLoss``),
+  with the whole batch's loss in one fused call instead of a loop over row chunks.
+* ``gather_across_devices=True``: ``gcl_ops.distributed.distributed_gcl_loss``, the loss of the
+  global batch, exactly as one process would compute it.
+* ``learnable_scale=True``: the scale becomes a parameter (``log_scale``, trained in log space and
+  clamped at ``max_scale`` as open_clip does); its gradient is averaged over ranks, since the loss
+  module sits outside DDP.
+
+Shapes: ``N`` pairs per batch (per rank), ``k`` the embedding width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+try:
+    from sentence_transformers.base.losses import CachedLossMixin, has_static_embedding_input
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "gcl_ops.sentence_transformers needs sentence-transformers >= 5.7 (CachedLossMixin); "
+        'install it with: pip install "gcl-ops[st]"'
+    ) from error
+
+from gcl_ops import _checks, gcl_loss, score_to_weight
+from gcl_ops.autograd import Impl
+from gcl_ops.distributed import distributed_gcl_loss
+
+__all__ = ["CachedGCLLoss", "GCLLoss", "duplicate_ids"]
+
+WeightsFrom = Literal["score", "weight", "none"]
+
+_WEIGHTS_FROM = ("score", "weight", "none")
+
+GCL_CITATION = """
+@misc{zhu2024generalized,
+    title={Generalized Contrastive Learning for Multi-Modal Retrieval and Ranking},
+    author={Tianyu Zhu and Myong Chol Jung and Jesse Clark},
+    year={2024},
+    eprint={2404.08535},
+    archivePrefix={arXiv},
+    url={https://arxiv.org/abs/2404.08535},
+}
+"""
+
+GRADCACHE_CITATION = """
+@misc{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year={2021},
+    eprint={2101.06983},
+    archivePrefix={arXiv},
+    url={https://arxiv.org/abs/2101.06983},
+}
+"""
+
+# ----------------------------------------------------------------------------------------------
+# Duplicate ids from token ids
+# ----------------------------------------------------------------------------------------------
+
+# Two polynomial hashes modulo primes below 2^31, combined into one int64: every product stays
+# below 2^62, so the arithmetic is exact int64 on any device (no overflow, no Python hash(), so
+# the same text gets the same id in every process). Two distinct texts of up to L tokens collide
+# with probability about (L / 2^31)^2 for the fixed bases below.
+_MODULI = (2_147_483_647, 2_147_483_629)
+_BASES = (1_000_003, 911_382_323)
+
+
+def _power_mod(base: int, exponents: Tensor, modulus: int, bits: int) -> Tensor:
+    """``base ** exponents % modulus`` elementwise for int64 ``exponents`` in ``[0, 2^bits)``,
+    by square-and-multiply (every product of two residues stays below 2^62)."""
+    result = torch.ones_like(exponents)
+    power = torch.full_like(exponents, base % modulus)
+    for bit in range(bits):
+        odd = ((exponents >> bit) & 1).bool()
+        result = torch.where(odd, result * power % modulus, result)
+        power = power * power % modulus
+    return result
+
+
+def _hash_tokens(tokens: Tensor, rows: Tensor, positions: Tensor, n_rows: int) -> Tensor:
+    """``(n_rows,)`` int64 hashes of token sequences given as flat ``(T,)`` token ids, the row
+    each token belongs to and its position within that row's real (unpadded) tokens."""
+    tokens, rows, positions = tokens.long(), rows.long(), positions.long()
+    bits = int(positions.max()).bit_length() if positions.numel() else 0  # one device sync
+    parts = []
+    for base, modulus in zip(_BASES, _MODULI):
+        terms = (tokens % modulus + 1) * _power_mod(base, positions, modulus, bits) % modulus
+        sums = torch.zeros(n_rows, dtype=torch.long, device=tokens.device)
+        sums.index_add_(0, rows, terms)  # < T * 2^31: exact in int64
+        parts.append(sums % modulus)
+    return parts[0] * _MODULI[1] + parts[1]
+
+
+def duplicate_ids(features: dict[str, Any]) -> Tensor:
+    """One int64 id per row of a tokenized column: equal for equal texts, whatever the padding.
+
+    Args:
+        features: a column as the trainer's collator (``model.preprocess``) produces it: padded,
+            ``input_ids`` ``(N, L)`` with ``attention_mask`` ``(N, L)`` (padding, left or right, is
+            left out; without a mask every position counts), or flattened for padding-free
+            attention, ``input_ids`` ``(1, T)`` with ``cu_seq_lens_q`` ``(N + 1,)``.
+
+    Returns:
+        ``(N,)`` int64 ids on the device of ``input_ids``: a polynomial hash of each row's token
+        ids, deterministic across processes (so ranks agree on duplicates).
+
+    Raises:
+        ValueError: no ``input_ids`` (e.g. image inputs): pass ``mask_duplicates=False``.
+    """
+    input_ids = features.get("input_ids")
+    if not isinstance(input_ids, Tensor):
+        raise ValueError(
+            "mask_duplicates=True hashes each text's token ids, but this input column has no "
+            f"'input_ids' tensor (keys: {sorted(features)}); pass mask_duplicates=False for "
+            "non-text inputs"
+        )
+    if "cu_seq_lens_q" in features:  # flattened: all sequences in one row
+        bounds = features["cu_seq_lens_q"].to(device=input_ids.device, dtype=torch.long)
+        tokens = input_ids.reshape(-1)[: int(bounds[-1])]
+        n_rows = bounds.numel() - 1
+        rows = torch.repeat_interleave(
+            torch.arange(n_rows, device=tokens.device), bounds[1:] - bounds[:-1]
+        )
+        positions = torch.arange(tokens.numel(), device=tokens.device) - bounds[:-1][rows]
+        return _hash_tokens(tokens, rows, positions, n_rows)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (N, L), got {tuple(input_ids.shape)}")
+    mask = features.get("attention_mask")
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    positions = keep.long().cumsum(dim=1) - 1  # index among the real tokens
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)
+    return _hash_tokens(input_ids[keep], rows[keep], positions[keep], input_ids.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The learnable scale under DDP
+# ----------------------------------------------------------------------------------------------
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AverageGradOverRanks(torch.autograd.Function):
+    """Identity forward; backward averages the gradient over ranks (DDP averages the model's
+    gradients, but the loss module's own parameters sit outside DDP)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        size = _world_size()
+        if size > 1:
+            grad = grad.clone()
+            dist.all_reduce(grad)  # SUM: gloo has no AVG
+            grad = grad / size
+        return grad
+
+
+# ----------------------------------------------------------------------------------------------
+# The losses
+# ----------------------------------------------------------------------------------------------
+
+
+class _GCLLossBase(nn.Module):
+    """Configuration, weights, ids and the loss call shared by ``GCLLoss`` and ``CachedGCLLoss``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scale: float,
+        weights_from: WeightsFrom,
+        weight_kind: str,
+        s_max: float,
+        mask_duplicates: bool,
+        gather_across_devices: bool,
+        impl: Impl,
+        learnable_scale: bool,
+        max_scale: float,
+    ) -> None:
+        super().__init__()
+        _checks.check_choice(weights_from, _WEIGHTS_FROM, "weights_from")
+        _checks.check_choice(impl, _checks.IMPLS, "impl")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        if learnable_scale and not (math.isfinite(max_scale) and 0 < scale <= max_scale):
+            raise ValueError(
+                f"a learnable scale starts at scale={scale} and is clamped at max_scale={max_scale}:"
+                " need 0 < scale <= max_scale"
+            )
+        # Checks weight_kind and s_max with gcl_ops' own messages (a score of s_max is valid).
+        score_to_weight(torch.tensor([float(s_max)]), weight_kind, s_max=s_max)  # type: ignore[arg-type]
+        self.model = model
+        self.weights_from = weights_from
+        self.weight_kind = weight_kind
+        self.s_max = float(s_max)
+        self.mask_duplicates = mask_duplicates
+        self.gather_across_devices = gather_across_devices
+        self.impl = impl
+        self.learnable_scale = learnable_scale
+        self.max_scale = float(max_scale)
+        if learnable_scale:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        else:
+            self._scale = float(scale)
+
+    # -- scale --------------------------------------------------------------------------------
+
+    @property
+    def scale(self) -> float:
+        """The current scale ``t`` (``1 / temperature``) as a float."""
+        if self.learnable_scale:
+            return min(math.exp(float(self.log_scale.detach())), self.max_scale)
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"scale must be a positive finite number, got {value}")
+        if self.learnable_scale:
+            with torch.no_grad():
+                self.log_scale.fill_(math.log(value))
+        else:
+            self._scale = float(value)
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.scale
+
+    def logit_scale(self) -> float | Tensor:
+        """``t`` as ``gcl_loss`` takes it: a float, or with ``learnable_scale`` the 0-dim tensor
+        ``min(exp(log_scale), max_scale)`` whose gradient is averaged over ranks."""
+        if not self.learnable_scale:
+            return self._scale
+        return _AverageGradOverRanks.apply(self.log_scale).exp().clamp(max=self.max_scale)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _check_columns(self, sentence_features: Iterable[dict[str, Tensor]]) -> list[dict]:
+        features = list(sentence_features)
+        if len(features) != 2:
+            raise ValueError(
+                f"{type(self).__name__} takes (query, document) pairs, optionally with a score or "
+                f"label column, but the batch has {len(features)} text column(s). Hard negatives "
+                "and multi-field inputs (a third text column) are not supported yet: drop the "
+                "extra columns, or name a numeric column 'score' or 'label' so that the collator "
+                "passes it as labels."
+            )
+        return features
+
+    def pair_weights(self, labels: Tensor | None, n: int) -> Tensor | None:
+        """``(n,)`` pair weights from the collated ``labels`` (``(n,)`` scores or weights), or None
+        for ``weights_from="none"``."""
+        if self.weights_from == "none":
+            return None
+        if labels is None:
+            raise ValueError(
+                f"weights_from={self.weights_from!r} needs a numeric 'score' or 'label' column in "
+                "the dataset (the collator passes it as labels), but the batch has no labels; "
+                "add one, or use weights_from='none' for unweighted pairs"
+            )
+        if not isinstance(labels, Tensor):
+            labels = torch.as_tensor(labels)
+        if labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.shape != (n,):
+            raise ValueError(
+                f"labels must hold one {self.weights_from} per pair, shape ({n},), got "
+                f"{tuple(labels.shape)}"
+            )
+        if self.weights_from == "weight":
+            return labels if labels.is_floating_point() else labels.to(torch.get_default_dtype())
+        return score_to_weight(labels, self.weight_kind, s_max=self.s_max)  # type: ignore[arg-type]
+
+    def batch_ids(self, features: Sequence[dict[str, Any]]) -> tuple[Tensor | None, Tensor | None]:
+        """``(query_ids, doc_ids)``, each ``(N,)``, from the token ids (or ``(None, None)`` without
+        ``mask_duplicates``). Computed before embedding: modules may edit the features in place
+        (``Pooling(include_prompt=False)`` zeroes the prompt in the attention mask)."""
+        if not self.mask_duplicates:
+            return None, None
+        return duplicate_ids(features[0]), duplicate_ids(features[1])
+
+    # -- the loss -----------------------------------------------------------------------------
+
+    def gcl(
+        self,
+        query: Tensor,
+        doc: Tensor,
+        labels: Tensor | None,
+        query_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+    ) -> Tensor:
+        """The GCL loss of ``(N, k)`` query and document embeddings (this rank's pairs), a scalar:
+        ``gcl_loss`` (or ``distributed_gcl_loss`` with ``gather_across_devices``) with the weights
+        from ``labels``, the ids and the scale."""
+        weights = self.pair_weights(labels, query.shape[0])
+        if weights is not None:
+            weights = weights.to(query.device)
+        loss_fn = distributed_gcl_loss if self.gather_across_devices else gcl_loss
+        return loss_fn(
+            query, doc, weights, self.logit_scale(), query_ids=query_ids, doc_ids=doc_ids,
+            impl=self.impl,
+        )  # fmt: skip
+
+    # -- model card ---------------------------------------------------------------------------
+
+    def get_config_dict(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "scale": self.scale,
+            "learnable_scale": self.learnable_scale,
+            "weights_from": self.weights_from,
+        }
+        if self.weights_from == "score":
+            config.update(weight_kind=self.weight_kind, s_max=self.s_max)
+        if self.learnable_scale:
+            config["max_scale"] = self.max_scale
+        config.update(
+            mask_duplicates=self.mask_duplicates,
+            gather_across_devices=self.gather_across_devices,
+            impl=self.impl,
+        )
+        return config
+
+    @property
+    def citation(self) -> str:
+        return GCL_CITATION
+
+
+class GCLLoss(_GCLLossBase):
+    """Generalized Contrastive Learning for ``(query, document[, score])`` pairs.
+
+    ``L = -(1 / 2N) sum_i w_i (log softmax_row(Z)[i, i] + log softmax_col(Z)[i, i])`` with
+    ``Z = scale * cos(query_i, doc_j)`` and ``w_i`` from the score column (``docs/CONTRACT.md``).
+    With ``w = 1`` and no duplicates this is sentence-transformers' symmetric
+    ``MultipleNegativesRankingLoss(model, scale, directions=("query_to_doc", "doc_to_query"),
+    partition_mode="per_direction")``, in value and gradients.
+
+    Args:
+        model: the ``SentenceTransformer`` to train.
+        scale: the logit scale ``t`` (``1 / temperature``; 20 as sentence-transformers'
+            ``MultipleNegativesRankingLoss``); the initial value with ``learnable_scale``.
+        weights_from: where the pair weights come from: ``"score"`` (default: the ``score`` /
+            ``label`` column through ``score_to_weight(score, weight_kind, s_max=s_max)``, scores
+            in ``(0, s_max]``), ``"weight"`` (that column is the weight) or ``"none"``
+            (unweighted; the column, if any, is ignored).
+        weight_kind: ``"inverse"`` (default), ``"constant"``, ``"linear"``, ``"inverse_sqrt"`` or
+            ``"piecewise"`` (paper Eq. 1-3).
+        s_max: the largest possible score (default 100).
+        mask_duplicates: pairs whose query text or document text repeats in the batch are not
+            each other's negatives (default True); equal texts are found by hashing token ids.
+        gather_across_devices: under ``torch.distributed`` (DDP), the loss of the global batch:
+            every rank's documents and statistics are gathered (``distributed_gcl_loss``). Each
+            rank returns the mean over its own pairs, so DDP's gradient averaging yields the
+            single-process gradient of the global loss.
+        impl: ``"auto"`` (fused Triton kernels on CUDA, the blocked PyTorch path on CPU),
+            ``"triton"`` or ``"torch"``.
+        learnable_scale: train the scale (as ``log_scale``, clamped at ``max_scale``); the
+            trainer's optimizer picks up the parameter. Default False.
+        max_scale: the upper clamp of a learnable scale (default 100, as open_clip).
+
+    Inputs: two text columns (query, document) and optionally a numeric ``score`` / ``label``
+    column, which the collator passes as ``labels``, ``(N,)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scale: float = 20.0,
+        weights_from: WeightsFrom = "score",
+        weight_kind: str = "inverse",
+        s_max: float = 100.0,
+        mask_duplicates: bool = True,
+        gather_across_devices: bool = False,
+        impl: Impl = "auto",
+        *,
+        learnable_scale: bool = False,
+        max_scale: float = 100.0,
+    ) -> None:
+        super().__init__(
+            model, scale, weights_from, weight_kind, s_max, mask_duplicates,
+            gather_across_devices, impl, learnable_scale, max_scale,
+        )  # fmt: skip
+
+    def forward(
+        self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None
+    ) -> Tensor:
+        """The loss of a collated batch: two feature dicts (query, document column) and the
+        ``(N,)`` labels (scores or weights, or None with ``weights_from="none"``)."""
+        features = self._check_columns(sentence_features)
+        query_ids, doc_ids = self.batch_ids(features)
+        query = self.model(features[0])["sentence_embedding"]
+        doc = self.model(features[1])["sentence_embedding"]
+        return self.compute_loss_from_embeddings([query, doc], labels, query_ids, doc_ids)
+
+    def compute_loss_from_embeddings(
+        self,
+        embeddings: Sequence[Tensor],
+        labels: Tensor | None,
+        query_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+    ) -> Tensor:
+        """The loss from the ``[(N, k) query, (N, k) document]`` embeddings."""
+        if len(embeddings) != 2:
+            raise ValueError(f"expected [query, document] embeddings, got {len(embeddings)}")
+        return self.gcl(embeddings[0], embeddings[1], labels, query_ids, doc_ids)
+
+
+class CachedGCLLoss(CachedLossMixin, _GCLLossBase):
+    """``GCLLoss`` with gradient caching (GradCache, Gao et al. 2021) for batches larger than
+    memory allows, on sentence-transformers' ``CachedLossMixin``.
+
+    Every column is embedded in mini-batches of ``mini_batch_size`` rows without activations, the
+    loss of the whole batch and its gradient w.r.t. the embeddings come from one fused
+    ``gcl_loss`` call (which never holds the ``N x N`` similarities), and the mini-batches are
+    re-embedded with gradient, replaying their random state (dropout), when the trainer calls
+    ``backward``. The parameters get the same gradient as ``GCLLoss`` on the whole batch. Works
+    inside ``MatryoshkaLoss`` and under DDP and AMP like sentence-transformers' cached losses.
+
+    Args:
+        model, scale, weights_from, weight_kind, s_max, mask_duplicates, gather_across_devices,
+        impl, learnable_scale, max_scale: as in ``GCLLoss``.
+        mini_batch_size: rows per embedding call (memory against speed; default 32).
+        mini_batch_num_tokens: instead, pack mini-batches up to this many non-padding tokens.
+        show_progress_bar: show the mini-batch progress.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scale: float = 20.0,
+        weights_from: WeightsFrom = "score",
+        weight_kind: str = "inverse",
+        s_max: float = 100.0,
+        mask_duplicates: bool = True,
+        gather_across_devices: bool = False,
+        impl: Impl = "auto",
+        *,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        show_progress_bar: bool = False,
+        learnable_scale: bool = False,
+        max_scale: float = 100.0,
+    ) -> None:
+        _GCLLossBase.__init__(
+            self, model, scale, weights_from, weight_kind, s_max, mask_duplicates,
+            gather_across_devices, impl, learnable_scale, max_scale,
+        )  # fmt: skip
+        inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+        if has_static_embedding_input(inner):
+            raise ValueError(
+                "CachedGCLLoss cannot split a StaticEmbedding model's inputs into mini-batches; "
+                "use GCLLoss instead"
+            )
+        if not (isinstance(mini_batch_size, int) and mini_batch_size > 0):
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        if mini_batch_num_tokens is not None and mini_batch_num_tokens <= 0:
+            raise ValueError(
+                f"mini_batch_num_tokens must be a positive integer or None, got {mini_batch_num_tokens}"
+            )
+        self.mini_batch_size = mini_batch_size
+        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.show_progress_bar = show_progress_bar
+        # Per forward pass: the batch's ids (calculate_loss sees embeddings only) and the scale's
+        # gradient from the cached backward, applied when the trainer's backward reaches the loss.
+        self._ids: tuple[Tensor | None, Tensor | None] = (None, None)
+        self._scale_grad: Tensor | None = None
+
+    def forward(
+        self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None
+    ) -> Tensor:
+        """As ``GCLLoss.forward``; the returned loss back-propagates into the model through
+        sentence-transformers' gradient-cache hook."""
+        features = self._check_columns(sentence_features)
+        self._ids = self.batch_ids(features)
+        self._scale_grad = None
+        try:
+            loss = self.forward_cached(features, labels)
+        finally:
+            self._ids = (None, None)
+        scale_grad, self._scale_grad = self._scale_grad, None
+        if scale_grad is not None and loss.requires_grad:
+            log_scale = self.log_scale
+
+            def backward_scale(grad_output: Tensor) -> None:
+                # grad_output carries the AMP loss scale and the gradient-accumulation factor,
+                # as it does for the cached embedding gradients.
+                # Hooks run with gradient mode off, as the cached re-embedding does.
+                with torch.enable_grad():
+                    surrogate = log_scale * (scale_grad * grad_output).to(log_scale.dtype)
+                    surrogate.backward()
+
+            loss.register_hook(backward_scale)
+        return loss
+
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
+        """The loss of the whole batch from the per-mini-batch embeddings ``reps`` (one list of
+        ``(b, k)`` tensors per column), in one ``gcl_loss`` call. With ``with_backward`` the
+        embeddings' gradients are stored in their ``.grad`` (the cache) and the scale's is held
+        back for the trainer's backward; returns the detached loss."""
+        query, doc = torch.cat(reps[0]), torch.cat(reps[1])
+        query_ids, doc_ids = self._ids
+        loss = self.gcl(query, doc, labels, query_ids, doc_ids)
+        if not with_backward:
+            return loss
+        leaves = [*reps[0], *reps[1]]
+        inputs = [*leaves, self.log_scale] if self.learnable_scale else leaves
+        grads = torch.autograd.grad(loss, inputs)
+        for leaf, grad in zip(leaves, grads):
+            leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+        if self.learnable_scale:
+            scale_grad = grads[-1] * self._matryoshka_weight(query.shape[1])
+            self._scale_grad = (
+                scale_grad if self._scale_grad is None else self._scale_grad + scale_grad
+            )
+        return loss.detach()
+
+    def _matryoshka_weight(self, width: int) -> float:
+        """The weight ``MatryoshkaLoss`` gives this call's loss (1 outside it).
+
+        ``MatryoshkaLoss`` wraps ``calculate_loss`` of a cached loss and calls it once per
+        dimension with embeddings truncated to that width; it applies the dimension's weight to
+        the embeddings' gradients itself, but cannot reach the scale's, so it is applied here."""
+        wrapper = self.__dict__.get("calculate_loss")
+        dims = getattr(wrapper, "matryoshka_dims", None)
+        if dims is None:
+            return 1.0
+        if width not in dims:
+            raise ValueError(
+                f"embedding width {width} is none of MatryoshkaLoss's dims {tuple(dims)}: cannot "
+                "weight the learnable scale's gradient"
+            )
+        return float(wrapper.matryoshka_weights[list(dims).index(width)])
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            **super().get_config_dict(),
+            "mini_batch_size": self.mini_batch_size,
+            "mini_batch_num_tokens": self.mini_batch_num_tokens,
+        }
+
+    @property
+    def citation(self) -> str:
+        return GCL_CITATION + GRADCACHE_CITATION
