@@ -176,8 +176,8 @@ def candidate_tiles(index: int):
     """``ops._tile_sizes`` answering with the autotuner's ``index``-th configuration (the last
     where there are fewer)."""
 
-    def tile_sizes(k_pad, element_size, backward, tf32=False, fp16=False):
-        candidates = ops._tile_candidates(k_pad, element_size, backward, tf32, fp16)
+    def tile_sizes(k_pad, element_size, backward, tf32=False):
+        candidates = ops._tile_candidates(k_pad, element_size, backward, tf32)
         return candidates[min(index, len(candidates) - 1)]
 
     return tile_sizes
@@ -185,8 +185,7 @@ def candidate_tiles(index: int):
 
 def candidate_count(k: int, dtype: str, precision: str, backward: bool) -> int:
     element_size = torch.empty(0, dtype=DTYPES[dtype]).element_size()
-    return len(ops._tile_candidates(ops._k_pad(k), element_size, backward, precision == "tf32",
-                                    dtype == "fp16"))  # fmt: skip
+    return len(ops._tile_candidates(ops._k_pad(k), element_size, backward, precision == "tf32"))
 
 
 def embedding_launches(n: int, k: int, dtype: str, precision: str, normalize: bool, ids: str,
@@ -400,7 +399,7 @@ def sweep_variants(args) -> list[tuple[dict, Launch]]:
     ):
         block_k = min(ops._k_pad(k), 64 if dtype == "bf16" else 32)
 
-        def tiles(k_pad, element_size, backward, tf32=False, fp16=False, block_m=block_m,
+        def tiles(k_pad, element_size, backward, tf32=False, block_m=block_m,
                   block_n=block_n, block_k=block_k):  # fmt: skip
             warps = 8 if backward or block_m * block_n >= 8192 else 4
             tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)

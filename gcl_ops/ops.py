@@ -13,6 +13,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from gcl_ops import reference
 from gcl_ops._triton import interpreting, triton
@@ -41,7 +42,7 @@ def _k_pad(k: int) -> int:
 
 
 def _tile_candidates(
-    k_pad: int, element_size: int, backward: bool, tf32: bool = False, fp16: bool = False
+    k_pad: int, element_size: int, backward: bool, tf32: bool = False
 ) -> list[dict[str, int]]:
     """The tile configurations worth timing for a problem of (padded) width ``k_pad``, the
     default first (what launches when the autotuner is off, and under the interpreter).
@@ -79,21 +80,20 @@ def _tile_candidates(
             tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 32)),
         ]
         return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
-    # bf16: a 32-wide GEMM slice leaves the registers that 256-wide k slices need (fp16's
-    # rescaling takes a few more: 44 bytes spill there, so its default slices are 128 wide).
-    narrow = tiles(64, 64, 8, 3, BLOCK_K=min(k_pad, 32), K_SLICE=min(k_pad, 256))
     widths = sorted({min(k_pad, width) for width in (128, 256, 512)})
     candidates = [tiles(64, 64, 8, 2, K_SLICE=width) for width in widths]
-    if half:
-        candidates.insert(1 if fp16 else 0, narrow)
+    if half:  # slices up to 256 wide by default; also 32-wide GEMM slices in three stages
+        default = tiles(64, 64, 8, 2, K_SLICE=min(k_pad, 256))
+        narrow = tiles(64, 64, 8, 3, BLOCK_K=min(k_pad, 32), K_SLICE=min(k_pad, 256))
+        candidates = [default, narrow, *candidates]
     return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
 
 
 def _tile_sizes(
-    k_pad: int, element_size: int, backward: bool, tf32: bool = False, fp16: bool = False
+    k_pad: int, element_size: int, backward: bool, tf32: bool = False
 ) -> dict[str, int]:
     """The default tiles (``_tile_candidates``' first): what launches without the autotuner."""
-    return _tile_candidates(k_pad, element_size, backward, tf32, fp16)[0]
+    return _tile_candidates(k_pad, element_size, backward, tf32)[0]
 
 
 def _autotuning() -> bool:
@@ -155,10 +155,10 @@ def _autotuned(which: str):
     kernel = _stats_bwd_kernel if backward else _stats_fwd_kernel
     data = "query_ptr" if backward else "rows_ptr"
     seen, configs = set(), []
-    for k_pad, element_size, tf32, fp16 in itertools.product(
-        [16 << i for i in range(7)], (2, 4), (False, True), (False, True)
+    for k_pad, element_size, tf32 in itertools.product(
+        [16 << i for i in range(7)], (2, 4), (False, True)
     ):
-        for tiles in _tile_candidates(k_pad, element_size, backward, tf32, fp16):
+        for tiles in _tile_candidates(k_pad, element_size, backward, tf32):
             key = tuple(sorted(tiles.items()))
             if key not in seen:
                 seen.add(key)
@@ -170,7 +170,7 @@ def _autotuned(which: str):
         x = named_args[data]
         wanted = _tile_candidates(
             _k_pad(named_args["k"]), x.element_size(), backward,
-            kwargs.get("INPUT_PRECISION") == "tf32", x.dtype == torch.float16,
+            kwargs.get("INPUT_PRECISION") == "tf32",
         )  # fmt: skip
         return [config for config in configs if _config_tiles(config) in wanted]
 
@@ -281,8 +281,9 @@ def _triton_stats_forward(
     offset: int,
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(neg_row, neg_col, pos)`` and, for the backward, ``lse / t`` of the rows and of the
-    columns as ``(2, N)`` / ``(2, M)`` fp32 pairs ``hi + lo`` (``_lse_parts``)."""
+    """``(neg_row, neg_col, pos)`` and, for the backward, ``row_parts`` ``(3, N)``: ``lse / t``
+    of the rows as an fp32 pair ``hi + lo`` (``_lse_parts``) and the positive cosines ``S_ii``,
+    and ``col_parts`` ``(2, M)``: ``lse / t`` of the columns."""
     (n, k), m = query.shape, doc.shape[0]
     query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
     f32 = dict(device=query.device, dtype=torch.float32)
@@ -299,7 +300,8 @@ def _triton_stats_forward(
     exp_scale = exp_scale64.float()
     exp_scale_lo = (exp_scale64 - exp_scale.double()).float()
     shift_arguments = torch.cat([shift_cosine, exp_scale.reshape(1), exp_scale_lo.reshape(1)])
-    row_sum, col_sum, pos = torch.zeros(n, **f32), torch.zeros(m, **f32), torch.zeros(n, **f32)
+    row_sum, col_sum = torch.zeros(n, **f32), torch.zeros(m, **f32)
+    positive_cosines = torch.zeros(n, **f32)
 
     key = ("forward", k, query.dtype, normalize, query_ids is None, doc_ids is None,
            _allow_tf32())  # fmt: skip
@@ -318,7 +320,8 @@ def _triton_stats_forward(
         return (triton.cdiv(n, meta["BLOCK_M"]), splits)
 
     arguments = (
-        query, doc, inv_query, inv_doc, *id_pointers, scale, shift_arguments, row_sum, col_sum, pos,
+        query, doc, inv_query, inv_doc, *id_pointers, shift_arguments, row_sum, col_sum,
+        positive_cosines,
         query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
         n, m, k, offset, _size_bucket(n, m),
     )  # fmt: skip
@@ -352,7 +355,9 @@ def _triton_stats_forward(
         lse = torch.where(redo, recomputed, lse)
         results.append((lse.float(), _lse_parts(lse, scale64)))
     (neg_row, row_parts), (neg_col, col_parts) = results
-    return neg_row, neg_col, pos, row_parts, col_parts
+    # Z_ii = t S_ii rounded once; the backward also gets S_ii itself (row_parts[2]) for d t.
+    pos = (scale64 * positive_cosines.double()).float()
+    return neg_row, neg_col, pos, torch.cat([row_parts, positive_cosines[None]]), col_parts
 
 
 def _lse_parts(lse: torch.Tensor, scale64: torch.Tensor) -> torch.Tensor:
@@ -390,6 +395,9 @@ def _triton_stats_backward(
     scale32 = scale.detach().to(**f32).reshape(1)
     if row_parts is None or col_parts is None:
         row_parts, col_parts = (_lse_parts(lse, scale32.double()) for lse in (neg_row, neg_col))
+        positive_cosines = None
+    else:
+        positive_cosines = row_parts[2]
     inv_query, inv_doc = _inverse_norms(query, normalize), _inverse_norms(doc, normalize)
     grad_neg_row, grad_neg_col, grad_pos = (
         g.to(**f32).contiguous() for g in (grad_neg_row, grad_neg_col, grad_pos)
@@ -403,7 +411,7 @@ def _triton_stats_backward(
         query[:rows], doc[:cols], scale, _head(query_ids, cols), _head(doc_ids, cols),
         neg_row[:rows], neg_col[:cols], grad_neg_row[:rows], grad_neg_col[:cols],
         grad_pos[:rows], 0, normalize, (need_query, need_doc, need_scale),
-        row_parts[:, :rows].contiguous(), col_parts[:, :cols].contiguous(),
+        row_parts[:, :rows], col_parts[:, :cols],
     ))  # fmt: skip
     # fp32 accumulators of dQ^, dD^ (through the normalised vectors), added to atomically.
     grad_query_hat = torch.zeros(n if need_query else 0, k, **f32)
@@ -423,7 +431,7 @@ def _triton_stats_backward(
 
     arguments = (
         query, doc, inv_query, inv_doc, *id_pointers, scalars,
-        row_parts.contiguous(), col_parts.contiguous(), grad_neg_row, grad_neg_col, grad_pos,
+        row_parts[:2].contiguous(), col_parts.contiguous(), grad_neg_row, grad_neg_col, grad_pos,
         grad_query_hat, grad_doc_hat, scale_cols,
         query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
         n, m, k, offset, _size_bucket(n, m),
@@ -431,10 +439,21 @@ def _triton_stats_backward(
     if _autotuning():
         _autotuned("backward")[grid](*arguments, **flags, **_COMPILE_OPTIONS)
     else:
-        tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=True, tf32=_allow_tf32(),
-                            fp16=query.dtype == torch.float16)  # fmt: skip
+        tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=True, tf32=_allow_tf32())
         _stats_bwd_kernel[grid](*arguments, **flags, **tiles, **_COMPILE_OPTIONS)
-    grad_scale = scale_cols.double().sum().to(scale.dtype)
+    # d t = sum_ij dZ_ij S_ij: the kernel sums the negatives' terms per column; the positives'
+    # g_pos_i S_ii are summed here in float64 (they are the largest terms, w_i / 2 S_ii and
+    # more, and cancel against the negatives' sums: fp32 partial sums of them cost digits).
+    if need_scale:
+        if positive_cosines is None:
+            positive_cosines = torch.linalg.vecdot(
+                *(F.normalize(x.float(), dim=-1) if normalize else x.float()
+                  for x in (query, doc[offset : offset + n]))
+            )  # fmt: skip
+        positives = (grad_pos.double() * positive_cosines.double()).sum()
+        grad_scale = (scale_cols.double().sum() + positives).to(scale.dtype)
+    else:
+        grad_scale = torch.zeros((), dtype=scale.dtype, device=scale.device)
     grad_query = _through_norm(query, grad_query_hat, inv_query, normalize) if need_query else None
     del grad_query_hat
     grad_doc = _through_norm(doc, grad_doc_hat, inv_doc, normalize) if need_doc else None
@@ -553,9 +572,9 @@ def _gcl_stats_op(
     normalize: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward,
-    the Triton path's ``lse / t`` in two fp32 parts (``(2, N)``, ``(2, M)``; empty on the
-    PyTorch path)."""
+    """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward
+    (empty on the PyTorch path): the Triton path's ``lse / t`` in two fp32 parts, ``(2, M)`` for
+    the columns, and for the rows ``(3, N)`` with the positive cosines as a third row."""
     # Autocast stays outside: the statistics are computed in fp32 from the inputs as they are.
     with torch.autocast(query.device.type, enabled=False), _on_device(query):
         if backend == "triton":
@@ -576,7 +595,7 @@ def _(query, doc, scale, query_ids, doc_ids, offset, normalize, backend):
         query.new_empty(n, dtype=dtype),
         query.new_empty(m, dtype=dtype),
         query.new_empty(n, dtype=dtype),
-        query.new_empty((2, n) if triton_path else (0,), dtype=torch.float32),
+        query.new_empty((3, n) if triton_path else (0,), dtype=torch.float32),
         query.new_empty((2, m) if triton_path else (0,), dtype=torch.float32),
     )
 

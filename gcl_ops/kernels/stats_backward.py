@@ -40,7 +40,8 @@ def _stats_bwd_kernel(
     ``dX^`` is the gradient through the normalised vectors, ``dL/dx^ / |x|``-free: the launcher
     applies ``dx = (dx^ - x <x, dx^> / |x|^2) / |x|`` (``_through_norm``). ``dD^`` is added
     atomically too when row blocks are split across programs. With ``SCALE_GRAD`` (and
-    ``s == 0``), ``scale_cols_ptr[j] += sum_i dZ_ij S_ij`` (``d t`` = their sum).
+    ``s == 0``), ``scale_cols_ptr[j] += sum_i dZ_ij S_ij`` over the negatives (the launcher adds
+    the positives' terms).
 
     The statistics come as log-sum-exps in cosine units, ``lse / t = hi + lo`` (two fp32 parts:
     ``neg_row_ptr[i]``, ``neg_row_ptr[n_rows + i]``; 0 where there is no negative)."""
@@ -123,7 +124,8 @@ def _stats_bwd_kernel(
         )
         grad_logits = tl.where(positive, grad_pos[:, None], grad_logits)
         if SCALE_GRAD:
-            scale_cols += tl.sum(grad_logits * cosines, axis=0)
+            # (the positives' terms are summed by the launcher, in float64)
+            scale_cols += tl.sum(tl.where(positive, 0.0, grad_logits * cosines), axis=0)
         grad_cosines = grad_logits * scale  # dS = t dZ
         if NEED_DOC:  # dD^_c += (dS / |q|)^T Q_r over this program's slice of k
             row_factor = inv_rows * doc_up if RESCALE else inv_rows

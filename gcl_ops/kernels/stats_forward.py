@@ -11,8 +11,9 @@ from gcl_ops.kernels.tiles import FUSED_FMA, LN2, LOG2E, _similarity_tile
 def _stats_fwd_kernel(
     rows_ptr, cols_ptr, inv_rows_ptr, inv_cols_ptr,  # data
     row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
-    scale_ptr, shift_ptr,  # device scalars t and the fixed shift in cosine units, shift / t
+    shift_ptr,  # device scalars: the fixed shift in cosine units (shift / t), t log2(e) as hi + lo
     row_sum_ptr, col_sum_ptr, pos_ptr,  # outputs, zero-initialised, accumulated atomically
+    # (pos_ptr: the positive cosines S_{i, i + diag_offset}; the launcher scales them by t)
     stride_rn, stride_rk, stride_cn, stride_ck,  # strides
     n_rows, n_cols, k, diag_offset,  # sizes
     size_bucket,  # log2 of n_rows * n_cols, rounded: only a key for the autotuner
@@ -24,14 +25,14 @@ def _stats_fwd_kernel(
     num_programs(1)``, the column splits).
 
     row_sum_i += sum_j exp(t (S_ij - sigma)), col_sum_j += sum_i exp(t (S_ij - sigma)) over
-    negatives, with ``sigma = shift / t``; pos_i = Z_{i, i + diag_offset}.
+    negatives, with ``sigma = shift / t``; pos_i = S_{i, i + diag_offset} (the cosine: the launcher
+    forms Z = t S in float64, and the backward's d t takes the positives' part from it).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < n_rows
     inv_rows = tl.load(inv_rows_ptr + rows, mask=rows_ok, other=1.0) if NORMALIZE else None
-    scale = tl.load(scale_ptr).to(tl.float32)
     shift_cosine = tl.load(shift_ptr).to(tl.float32)
     # t log2(e) as two fp32 parts (from the launcher, in float64): one fp32 product would be off
     # by up to 6e-8 relative, 5e-6 absolute at exponents near the headroom (92 in base 2).
@@ -79,7 +80,7 @@ def _stats_fwd_kernel(
         tl.atomic_add(col_sum_ptr + cols, tl.sum(shifted, axis=0), mask=cols_ok, sem="relaxed")
         positive_cosine += tl.sum(tl.where(positive, cosines, 0.0), axis=1)
     tl.atomic_add(row_sum_ptr + rows, row_sum, mask=rows_ok, sem="relaxed")
-    tl.atomic_add(pos_ptr + rows, positive_cosine * scale, mask=rows_ok, sem="relaxed")
+    tl.atomic_add(pos_ptr + rows, positive_cosine, mask=rows_ok, sem="relaxed")
 
 
 @triton.jit
