@@ -94,15 +94,11 @@ fn = bench.loss_functions(baseline)[name]
 q, d, w, t = bench.make_inputs(n, k)
 fn(q[:64], d[:64], w[:64], t).backward()  # warm-up: kernels, and .grad at full size
 
-def status_bytes(field):
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith(field + ":")).split()[1]) * 1024
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status_bytes("VmRSS")
+from common import process_status_kib, reset_peak_rss
+assert reset_peak_rss(), "needs Linux: /proc/self/clear_refs"
+before = process_status_kib("VmRSS")
 fn(q, d, w, t).backward()
-print(json.dumps({"extra_mib": (status_bytes("VmHWM") - before) / 2**20}))
+print(json.dumps({"extra_mib": (process_status_kib("VmHWM") - before) / 2**10}))
 """
 
 

@@ -53,6 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import process_status_kib, reset_peak_rss
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -68,26 +70,6 @@ WORDS = [
 ]
 # fmt: on
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def memory_kib(field: str) -> int | None:
-    """A ``Vm*`` field of ``/proc/self/status`` in KiB (None off Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current resident set (Linux ``clear_refs`` 5); False if refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def build_model(directory: Path, hidden: int, layers: int, device: str):
@@ -183,13 +165,13 @@ def worker(args: argparse.Namespace) -> dict:
 
     sync()
     hwm_reset = reset_peak_rss()
-    rss_before = memory_kib("VmRSS")
+    rss_before = process_status_kib("VmRSS")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         cuda_before = torch.cuda.memory_allocated()
     call()
     sync()
-    peak_rss = memory_kib("VmHWM")
+    peak_rss = process_status_kib("VmHWM")
     cuda_peak = (
         (torch.cuda.max_memory_allocated() - cuda_before) / 2**20 if device == "cuda" else None
     )

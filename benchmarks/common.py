@@ -77,6 +77,26 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def process_status_kib(field: str) -> int | None:
+    """A ``Vm*`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in KiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident set (Linux ``clear_refs`` 5); False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Append ``rows`` to the CSV at ``path`` (header written when the file is new)."""
     if not rows:

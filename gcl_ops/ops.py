@@ -79,9 +79,9 @@ def _tile_candidates(
             tiles(16, 32, 4, 2, K_SLICE=min(k_pad, 64)),
             tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 32)),
         ]
-        return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
-    widths = sorted({min(k_pad, width) for width in (128, 256, 512)})
-    candidates = [tiles(64, 64, 8, 2, K_SLICE=width) for width in widths]
+    else:
+        widths = sorted({min(k_pad, width) for width in (128, 256, 512)})
+        candidates = [tiles(64, 64, 8, 2, K_SLICE=width) for width in widths]
     if half:  # slices up to 256 wide by default; also 32-wide GEMM slices in three stages
         default = tiles(64, 64, 8, 2, K_SLICE=min(k_pad, 256))
         narrow = tiles(64, 64, 8, 3, BLOCK_K=min(k_pad, 32), K_SLICE=min(k_pad, 256))
@@ -387,17 +387,21 @@ def _triton_stats_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d query, d doc, d scale)`` in one launch of the fused backward, which computes only the
     parts in ``needs_grad`` (a skipped gradient comes back as an empty tensor).
-    ``row_parts``, ``col_parts``: the forward's float64 log-sum-exps as ``_lse_parts``; without
-    them, those of the fp32 ``neg_row``, ``neg_col``."""
+    ``row_parts`` ``(3, N)``, ``col_parts`` ``(2, M)``: the forward's (``_triton_stats_forward``);
+    without them, the log-sum-exp parts of the fp32 ``neg_row``, ``neg_col`` and recomputed
+    positive cosines."""
     (n, k), m = query.shape, doc.shape[0]
     query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
     f32 = dict(device=query.device, dtype=torch.float32)
     scale32 = scale.detach().to(**f32).reshape(1)
-    if row_parts is None or col_parts is None:
+    if row_parts is None or col_parts is None:  # (positive cosines recomputed here)
+        positive_cosines = torch.linalg.vecdot(
+            *(F.normalize(x.float(), dim=-1) if normalize else x.float()
+              for x in (query, doc[offset : offset + n]))
+        )  # fmt: skip
         row_parts, col_parts = (_lse_parts(lse, scale32.double()) for lse in (neg_row, neg_col))
-        positive_cosines = None
-    else:
-        positive_cosines = row_parts[2]
+        row_parts = torch.cat([row_parts, positive_cosines[None]])
+    positive_cosines = row_parts[2]
     inv_query, inv_doc = _inverse_norms(query, normalize), _inverse_norms(doc, normalize)
     grad_neg_row, grad_neg_col, grad_pos = (
         g.to(**f32).contiguous() for g in (grad_neg_row, grad_neg_col, grad_pos)
@@ -445,11 +449,6 @@ def _triton_stats_backward(
     # g_pos_i S_ii are summed here in float64 (they are the largest terms, w_i / 2 S_ii and
     # more, and cancel against the negatives' sums: fp32 partial sums of them cost digits).
     if need_scale:
-        if positive_cosines is None:
-            positive_cosines = torch.linalg.vecdot(
-                *(F.normalize(x.float(), dim=-1) if normalize else x.float()
-                  for x in (query, doc[offset : offset + n]))
-            )  # fmt: skip
         positives = (grad_pos.double() * positive_cosines.double()).sum()
         grad_scale = (scale_cols.double().sum() + positives).to(scale.dtype)
     else:

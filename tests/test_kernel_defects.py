@@ -360,3 +360,17 @@ def test_large_problems_are_tuned_on_their_leading_block(monkeypatch) -> None:
     for g, a, w in zip(got, again, want):
         torch.testing.assert_close(g, a, rtol=0, atol=0)
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # The backward called without the forward's parts (they are then derived from neg_row,
+    # neg_col) tunes on the leading block too, and agrees with the call that has them.
+    calls.clear()
+    monkeypatch.setattr(ops, "_TUNED_ON_LEADING_BLOCK", set())
+    q, d, t = query.float(), doc.float(), scale.float()
+    neg_row, neg_col, pos, row_parts, col_parts = ops._triton_stats_forward(q, d, t, **ids,
+                                                                            offset=41, normalize=True)  # fmt: skip
+    upstream = [torch.linspace(-1.0, 1.0, len(x)) for x in (neg_row, neg_col, pos)]
+    arguments = (q, d, t, ids["query_ids"], ids["doc_ids"], neg_row, neg_col, *upstream, 41, True)
+    without_parts = ops._triton_stats_backward(*arguments)
+    assert calls[-2:] == [("backward", 30, 53), ("backward", 30, 90)]
+    with_parts = ops._triton_stats_backward(*arguments, row_parts=row_parts, col_parts=col_parts)
+    for a, b in zip(without_parts, with_parts):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
