@@ -51,7 +51,7 @@ backward recomputes ``S`` once per ``K_SLICE`` of k (2k each) and runs ``dS^T Q`
 tiles issue with k padded (``S`` over ``ceil(k / BLOCK_K)`` slices, the gradients over ``K_PAD``). The column ``mma`` names the
 instruction of each dot in order: ``wgmma`` (Hopper warp-group MMA, which needs 64-row tiles per
 warp group), ``mma.sync`` (Ampere-style) or ``fma``; ``ptx_wgmma`` / ``ptx_mma_sync`` count them
-in the PTX.
+in the PTX, and ``wgmma_shapes`` lists the wgmma instruction shapes with their counts.
 
 Exits with status 1 if a launched configuration fails to compile or needs more shared memory
 than an H100 gives one block (227 KiB). Spills are reported, not failed: they cost speed only.
@@ -313,6 +313,16 @@ def _mma_kinds(ttgir: str) -> list[str]:
     return kinds
 
 
+def _wgmma_shapes(ptx: str) -> str:
+    """The wgmma instruction shapes in the PTX with their counts, ``m64n32k16 x8 m64n128k16 x4``:
+    the smaller ``n``, the more shared-memory reads per FLOP (``m64n8`` reads its 64 x 16 A
+    operand for a quarter of the work of ``m64n32``)."""
+    counts: dict = {}
+    for shape in re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx):
+        counts[shape] = counts.get(shape, 0) + 1
+    return " ".join(f"{shape} x{count}" for shape, count in counts.items()) or "-"
+
+
 def compile_report(launch: Launch) -> dict:
     signature, constexprs, attrs, summary = specialise(launch)
     source = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -334,6 +344,7 @@ def compile_report(launch: Launch) -> dict:
         "mma": "+".join(mma) or "-",
         "ptx_wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "ptx_mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+        "wgmma_shapes": _wgmma_shapes(ptx),
         "specialised": summary,
     }
 
@@ -430,7 +441,7 @@ def _cache_key(launch: Launch) -> str:
 
 COLUMNS = ["kernel", "role", "config", "dtype", "precision", "normalize", "ids", "k", "K_PAD",
            "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE", "num_warps", "num_stages", "registers", "spill_stores",
-           "spill_loads", "spill_bytes", "shared_bytes", "mma", "ptx_wgmma", "ptx_mma_sync",
+           "spill_loads", "spill_bytes", "shared_bytes", "mma", "ptx_wgmma", "ptx_mma_sync", "wgmma_shapes",
            "flops_per_n2", "flops_exec", "flops_note", "specialised", "target", "triton", "date",
            "error"]  # fmt: skip
 TABLE = [("kernel", 20), ("role", 21), ("config", 2), ("dtype", 5), ("precision", 4), ("normalize", 5),

@@ -48,17 +48,27 @@ def _tile_candidates(
     default first (what launches when the autotuner is off, and under the interpreter).
 
     Forward: a ``BLOCK_M x BLOCK_N`` similarity tile, a GEMM over ``k`` in ``BLOCK_K`` slices.
-    Backward: the same tile, plus a ``BLOCK_N x K_SLICE`` fp32 accumulator of ``dD^`` kept on
-    chip and ``BLOCK_M x BLOCK_K`` chunks of ``dQ^``; ``k`` is cut into ``K_PAD / K_SLICE``
-    slices, each recomputing ``S`` (2k FLOPs per N^2 each): one slice reaches the 6k of a
-    backward without recomputation but costs registers. The defaults are the largest tiles that
-    ptxas compiles for Hopper (sm_90a) without register spills (fp32 with IEEE GEMMs runs on the
-    FMA units, in small tiles and 64-wide slices), from
-    ``benchmarks/static_tile_check.py``; the alternatives spill a little (or recompute more) and
-    are there for the autotuner to time: on a GPU the first call of each problem size bucket,
-    width and dtype times them all and keeps the fastest. Not yet timed on a GPU.
+    Backward: a ``BLOCK_N x BLOCK_M`` tile (documents x queries), a ``BLOCK_N x K_SLICE`` fp32
+    accumulator of ``dD^`` kept on chip and chunks of ``dQ^`` added atomically; ``k`` is cut
+    into ``K_PAD / K_SLICE`` slices, each recomputing ``S`` (2k FLOPs per N^2 each): one slice
+    reaches the 6k of a backward without recomputation but costs registers (64 x 512 fp32 is
+    half of an SM's register file). Every candidate compiles for Hopper (sm_90a) without
+    register spills (``benchmarks/static_tile_check.py``); the tensor-core ones put every GEMM
+    on wgmma. They trade FLOPs against the shape of the wgmma instructions:
+
+    * 64 x 64 tiles, slices of 256 (half) or 128 (TF32): the default. 10k (half) or 14k
+      (TF32) FLOPs per N^2 at k = 512, wgmma m64n32 for ``S`` (A and B from shared memory).
+    * 16-query row blocks with the full width of k = 512 (half; TF32: 256): 8k FLOPs per N^2
+      at k = 512, but ``S`` and ``dQ^`` then run as wgmma m64n8 (two warp groups share the 16
+      columns), whose operands are read from shared memory at about 4x the rate of m64n32 per
+      FLOP: by that count about a fifth of the tensor-core rate for two of the three GEMMs.
+
+    Which is faster is for a GPU to say: the first call of each problem size bucket, width and
+    dtype times them all and keeps the fastest. Not yet timed on a GPU. fp32 with IEEE GEMMs
+    runs on the FMA units, in small tiles and 64-wide slices (wider ones spill kilobytes).
     The interpreter gets small tiles: few programs, while ragged tiles, k slices (backward:
-    slices of 32) and split row blocks are exercised."""
+    slices of 32), the transposed ``dQ^`` GEMM of row blocks below 64 and split row blocks are
+    exercised."""
     if _INTERPRETING:
         tiles = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
         return [dict(tiles, K_SLICE=min(k_pad, 32)) if backward else tiles]
@@ -71,6 +81,8 @@ def _tile_candidates(
 
     if not backward:
         wide, tall = tiles(64, 128, 8, 3), tiles(128, 64, 8, 3)
+        if not half and not tf32:  # FMA loops: 128 x 64 spills 44 bytes in three stages
+            tall = dict(tall, num_stages=2)
         first, second = (tall, wide) if half else (wide, tall)
         return [first, second, dict(first, num_stages=4)]
     if not half and not tf32:  # FMA loops: small tiles
@@ -80,12 +92,13 @@ def _tile_candidates(
             tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 32)),
         ]
     else:
-        widths = sorted({min(k_pad, width) for width in (128, 256, 512)})
-        candidates = [tiles(64, 64, 8, 2, K_SLICE=width) for width in widths]
-    if half:  # slices up to 256 wide by default; also 32-wide GEMM slices in three stages
-        default = tiles(64, 64, 8, 2, K_SLICE=min(k_pad, 256))
-        narrow = tiles(64, 64, 8, 3, BLOCK_K=min(k_pad, 32), K_SLICE=min(k_pad, 256))
-        candidates = [default, narrow, *candidates]
+        # 64 x 64 tiles in slices of 256 (half; also 128) or 128 (TF32); and a 64-document
+        # dD^ as wide as the registers allow next to 16 (half) or 32 (TF32) query rows.
+        slices = (256, 128) if half else (128,)
+        candidates = [tiles(64, 64, 8, 2, K_SLICE=min(k_pad, width)) for width in slices]
+        widest = min(k_pad, 512 if half else 256)
+        if widest > candidates[0]["K_SLICE"]:
+            candidates.append(tiles(16 if half else 32, 64, 8, 2, K_SLICE=widest))
     return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
 
 

@@ -418,11 +418,12 @@ def test_gpu_tile_sizes_on_ragged_problems(gpu_tiles, n, m, k, offset, dtype) ->
     check_against_definition("triton", query, doc, 25.0, dtype, offset=offset, **ids)
 
 
-@pytest.mark.parametrize("candidate", range(4))
+@pytest.mark.parametrize("candidate", range(3))
 def test_every_autotuned_backward_configuration(gpu_tiles, monkeypatch, candidate) -> None:
-    # What the autotuner may pick on a GPU for k_pad = 512, bf16: k slices of 128 ... 512.
+    # What the autotuner may pick on a GPU for k_pad = 512, bf16: 64 x 64 tiles in k slices of
+    # 256 and 128, and 16-query row blocks with the whole width (the transposed dQ^ GEMM).
     candidates = ops._tile_candidates(512, 2, backward=True)
-    assert len(candidates) == 4
+    assert len(candidates) == 3
     monkeypatch.setattr(ops, "_tile_sizes", lambda *args, **kwargs: candidates[candidate])
     query, doc, ids = make_problem(70, 70, 300, 0, with_ids=True, seed=candidate)
     check_against_definition("triton", query, doc, 25.0, torch.bfloat16, **ids)

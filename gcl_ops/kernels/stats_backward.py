@@ -37,6 +37,13 @@ def _stats_bwd_kernel(
         dD^_c[:, s] += (dS * 1/|q|)^T Q_r[:, s]    (kept on chip for the whole row loop)
         dQ^_r[:, s] += (dS * 1/|d|) D_c[:, s]      (added to ``grad_query_ptr`` atomically)
 
+    The tile is held transposed, documents x queries (``S^T``, ``BLOCK_N x BLOCK_M``), so that
+    the documents are the M side (wgmma's 64 rows per warp group) of ``S^T = D_c Q_r^T`` and
+    of ``dD^``, whose register operand ``dS^T`` is then the tile itself. ``dQ^`` is
+    ``dS D_c`` (``dS`` the register operand) for row blocks of 64 and more, and ``D_c^T dS^T``
+    (``k`` on the M side) for narrower ones (``TRANSPOSED_QUERY_GRAD``): 16-query row blocks
+    leave the registers to a ``dD^`` as wide as ``k = 512``.
+
     ``dX^`` is the gradient through the normalised vectors, ``dL/dx^ / |x|``-free: the launcher
     applies ``dx = (dx^ - x <x, dx^> / |x|^2) / |x|`` (``_through_norm``). ``dD^`` is added
     atomically too when row blocks are split across programs. With ``SCALE_GRAD`` (and
@@ -82,6 +89,10 @@ def _stats_bwd_kernel(
         query_down = _power_of_two(-query_exponent)
         doc_down = _power_of_two(-doc_exponent)
 
+    # dQ^ goes out in chunks of k, at least 64 wide where the slice allows: with row blocks
+    # below 64 the chunk is the M side of its GEMM (TRANSPOSED_QUERY_GRAD), and wgmma needs 64.
+    QUERY_CHUNK: tl.constexpr = min(K_SLICE, max(BLOCK_K, 64))
+    TRANSPOSED_QUERY_GRAD: tl.constexpr = BLOCK_M < 64
     offs_slice = slice_start + tl.arange(0, K_SLICE)
     slice_ok = offs_slice < k
     grad_doc_hat = tl.zeros((BLOCK_N, K_SLICE), dtype=tl.float32)
@@ -93,6 +104,7 @@ def _stats_bwd_kernel(
         row_block = (visit + pid_c) % row_blocks
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_ok = rows < n_rows
+        grad_query_rows = grad_query_ptr + tl.cast(row_block * BLOCK_M, tl.int64) * k
         inv_rows = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
         if NORMALIZE:
             inv_rows = tl.load(inv_query_ptr + rows, mask=rows_ok, other=1.0)
@@ -100,14 +112,16 @@ def _stats_bwd_kernel(
         neg_row_lo = tl.load(neg_row_ptr + n_rows + rows, mask=rows_ok, other=0.0)
         grad_neg_row = tl.load(grad_neg_row_ptr + rows, mask=rows_ok, other=0.0)
         grad_pos = tl.load(grad_pos_ptr + rows, mask=rows_ok, other=0.0)
+        # (documents as the tile's rows: S^T, bitwise the forward's S)
         cosines = _cosine_tile(
-            query_ptr, doc_ptr, rows, cols, inv_rows, inv_cols,
-            stride_qn, stride_qk, stride_dn, stride_dk, n_rows, n_cols, k,
-            BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
+            doc_ptr, query_ptr, cols, rows, inv_cols, inv_rows,
+            stride_dn, stride_dk, stride_qn, stride_qk, n_cols, n_rows, k,
+            BLOCK_N, BLOCK_M, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
+        # (query i is the positive of document j = i + diag_offset)
         negative, positive = _tile_masks(
-            rows, cols, n_rows, n_cols, diag_offset,
-            row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr, HAS_QID, HAS_DID,
+            cols, rows, n_cols, n_rows, -diag_offset,
+            col_qid_ptr, col_did_ptr, row_qid_ptr, row_did_ptr, HAS_QID, HAS_DID,
         )  # fmt: skip
         # dZ = g_row_i P_row + g_col_j P_col on negatives, g_pos_i on the positive, else 0, with
         # P = exp(Z - lse) = exp2((S - hi - lo) t log2(e)). In cosine units S - hi is exact
@@ -115,21 +129,21 @@ def _stats_bwd_kernel(
         # relative to the small difference; Z = S t and an fp32 lse would each be off by up to
         # ulp(|Z|) / 2 (1.5e-5 at |Z| ~ 300), relative errors in P that d t = sum dZ S sums up.
         # On negatives Z <= lse, so P <= 1; the clamp only keeps the discarded entries finite.
-        row_gap = (cosines - neg_row[:, None]) - neg_row_lo[:, None]
-        col_gap = (cosines - neg_col[None, :]) - neg_col_lo[None, :]
+        row_gap = (cosines - neg_row[None, :]) - neg_row_lo[None, :]
+        col_gap = (cosines - neg_col[:, None]) - neg_col_lo[:, None]
         p_row = tl.exp2(tl.minimum(row_gap * scale, 0.0) * LOG2E)
         p_col = tl.exp2(tl.minimum(col_gap * scale, 0.0) * LOG2E)
         grad_logits = tl.where(
-            negative, grad_neg_row[:, None] * p_row + grad_neg_col[None, :] * p_col, 0.0
+            negative, grad_neg_row[None, :] * p_row + grad_neg_col[:, None] * p_col, 0.0
         )
-        grad_logits = tl.where(positive, grad_pos[:, None], grad_logits)
+        grad_logits = tl.where(positive, grad_pos[None, :], grad_logits)
         if SCALE_GRAD:
             # (the positives' terms are summed by the launcher, in float64)
-            scale_cols += tl.sum(tl.where(positive, 0.0, grad_logits * cosines), axis=0)
-        grad_cosines = grad_logits * scale  # dS = t dZ
+            scale_cols += tl.sum(tl.where(positive, 0.0, grad_logits * cosines), axis=1)
+        grad_cosines = grad_logits * scale  # dS^T = t dZ^T
         if NEED_DOC:  # dD^_c += (dS / |q|)^T Q_r over this program's slice of k
             row_factor = inv_rows * doc_up if RESCALE else inv_rows
-            doc_operand = (grad_cosines * row_factor[:, None]).to(query_ptr.dtype.element_ty)
+            doc_operand = (grad_cosines * row_factor[None, :]).to(query_ptr.dtype.element_ty)
             row_slice = tl.load(
                 query_ptr + _row_offsets(rows, offs_slice, stride_qn, stride_qk),
                 mask=rows_ok[:, None] & slice_ok[None, :], other=0.0,
@@ -137,14 +151,14 @@ def _stats_bwd_kernel(
             if UPCAST:  # the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584)
                 doc_operand = doc_operand.to(tl.float32)
                 row_slice = row_slice.to(tl.float32)
-            grad_doc_hat = tl.dot(tl.trans(doc_operand), row_slice, grad_doc_hat,
+            grad_doc_hat = tl.dot(doc_operand, row_slice, grad_doc_hat,
                                   input_precision=INPUT_PRECISION)  # fmt: skip
-        if NEED_QUERY:  # dQ^_r += (dS / |d|) D_c, BLOCK_K columns at a time, added atomically
-            query_operand = (grad_cosines * col_factor[None, :]).to(query_ptr.dtype.element_ty)
+        if NEED_QUERY:  # dQ^_r += (dS / |d|) D_c, QUERY_CHUNK columns of k at a time, atomically
+            query_operand = (grad_cosines * col_factor[:, None]).to(query_ptr.dtype.element_ty)
             if UPCAST:
                 query_operand = query_operand.to(tl.float32)
-            for chunk in range(0, K_SLICE, BLOCK_K):
-                offs_k = slice_start + chunk + tl.arange(0, BLOCK_K)
+            for chunk in range(0, K_SLICE, QUERY_CHUNK):
+                offs_k = slice_start + chunk + tl.arange(0, QUERY_CHUNK)
                 k_ok = offs_k < k
                 col_chunk = tl.load(
                     doc_ptr + _row_offsets(cols, offs_k, stride_dn, stride_dk),
@@ -152,13 +166,20 @@ def _stats_bwd_kernel(
                 )  # fmt: skip
                 if UPCAST:
                     col_chunk = col_chunk.to(tl.float32)
-                grad_chunk = tl.dot(query_operand, col_chunk, input_precision=INPUT_PRECISION)
+                if TRANSPOSED_QUERY_GRAD:  # dQ^T = D_c^T dS'^T: k on the M side
+                    grad_chunk = tl.dot(tl.trans(col_chunk), query_operand,
+                                        input_precision=INPUT_PRECISION)  # fmt: skip
+                    within = tl.arange(0, BLOCK_M)[None, :] * k + offs_k[:, None]
+                    chunk_ok = k_ok[:, None] & rows_ok[None, :]
+                else:  # dQ = dS' D_c: dS' the GEMM's register operand
+                    grad_chunk = tl.dot(tl.trans(query_operand), col_chunk,
+                                        input_precision=INPUT_PRECISION)  # fmt: skip
+                    within = tl.arange(0, BLOCK_M)[:, None] * k + offs_k[None, :]
+                    chunk_ok = rows_ok[:, None] & k_ok[None, :]
                 if RESCALE:
                     grad_chunk = grad_chunk * query_down
-                tl.atomic_add(
-                    grad_query_ptr + _row_offsets(rows, offs_k, k, 1), grad_chunk,
-                    mask=rows_ok[:, None] & k_ok[None, :], sem="relaxed",
-                )  # fmt: skip
+                # (the row block's origin in int64, the offsets within it in int32)
+                tl.atomic_add(grad_query_rows + within, grad_chunk, mask=chunk_ok, sem="relaxed")
     if NEED_DOC:
         if RESCALE:
             grad_doc_hat = grad_doc_hat * doc_down
