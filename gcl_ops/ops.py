@@ -58,10 +58,12 @@ def _tile_candidates(
 
     * 64 x 64 tiles, slices of 256 (half) or 128 (TF32): the default. 10k (half) or 14k
       (TF32) FLOPs per N^2 at k = 512, wgmma m64n32 for ``S`` (A and B from shared memory).
-    * 16-query row blocks with the full width of k = 512 (half; TF32: 256): 8k FLOPs per N^2
-      at k = 512, but ``S`` and ``dQ^`` then run as wgmma m64n8 (two warp groups share the 16
-      columns), whose operands are read from shared memory at about 4x the rate of m64n32 per
-      FLOP: by that count about a fifth of the tensor-core rate for two of the three GEMMs.
+    * 16-query row blocks with the full width of k = 512 (half): 8k FLOPs per N^2 at k = 512,
+      but ``S`` and ``dQ^`` then run as wgmma m64n8 (two warp groups share the 16 columns),
+      which read their operands from shared memory at about 3x the bytes per FLOP of m64n32:
+      by that count about a fifth of the tensor-core rate for two of the three GEMMs (m64n32:
+      about two thirds). TF32: 32-query row blocks with 256-wide slices (m64n16k8), 10k at
+      k = 512.
 
     Which is faster is for a GPU to say: the first call of each problem size bucket, width and
     dtype times them all and keeps the fastest. Not yet timed on a GPU. fp32 with IEEE GEMMs

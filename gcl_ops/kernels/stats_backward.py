@@ -89,9 +89,10 @@ def _stats_bwd_kernel(
         query_down = _power_of_two(-query_exponent)
         doc_down = _power_of_two(-doc_exponent)
 
-    # dQ^ goes out in chunks of k, at least 64 wide where the slice allows: with row blocks
+    # dQ^ goes out in chunks of 64 of k (the whole slice where it is narrower): with row blocks
     # below 64 the chunk is the M side of its GEMM (TRANSPOSED_QUERY_GRAD), and wgmma needs 64.
-    QUERY_CHUNK: tl.constexpr = min(K_SLICE, max(BLOCK_K, 64))
+    QUERY_CHUNK: tl.constexpr = K_SLICE if K_SLICE < 64 else 64
+    tl.static_assert(K_SLICE % QUERY_CHUNK == 0)  # (powers of two: the chunks tile the slice)
     TRANSPOSED_QUERY_GRAD: tl.constexpr = BLOCK_M < 64
     offs_slice = slice_start + tl.arange(0, K_SLICE)
     slice_ok = offs_slice < k
