@@ -163,7 +163,9 @@ def recording(launches: list[Launch], precision: str, tile_sizes=None):
             recorder = _Recorder(getattr(ops, name), launches, roles)
             stack.enter_context(mock.patch.object(ops, name, recorder))
         stack.enter_context(mock.patch.object(ops, "_num_splits", _h100_num_splits))
-        stack.enter_context(mock.patch.object(ops, "_allow_tf32", lambda: precision == "tf32"))
+        stack.enter_context(
+            mock.patch.object(ops, "_allow_tf32", lambda autocast=False: precision == "tf32")
+        )
         # The autotuner's configurations are compiled one by one (``candidate``), as launched
         # with the autotuner off.
         stack.enter_context(mock.patch.object(ops, "_autotuning", lambda: False))

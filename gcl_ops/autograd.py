@@ -21,13 +21,16 @@ class _GCLStatsFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, query, doc, scale, query_ids, doc_ids, offset, normalize, backend):
+        # Under autocast the Triton path's fp32 GEMMs use TF32 (ops._allow_tf32); the custom
+        # ops run with autocast off, so its state is read here and handed to both passes.
+        autocast = torch.is_autocast_enabled(query.device.type)
         neg_row, neg_col, pos, row_parts, col_parts = torch.ops.gcl_ops.gcl_stats(
-            query, doc, scale, query_ids, doc_ids, offset, normalize, backend
+            query, doc, scale, query_ids, doc_ids, offset, normalize, backend, autocast
         )
         ctx.save_for_backward(
             query, doc, scale, query_ids, doc_ids, neg_row, neg_col, row_parts, col_parts
         )
-        ctx.offset, ctx.normalize, ctx.backend = offset, normalize, backend
+        ctx.offset, ctx.normalize, ctx.backend, ctx.autocast = offset, normalize, backend, autocast
         return neg_row, neg_col, pos
 
     @staticmethod
@@ -41,7 +44,7 @@ class _GCLStatsFunction(torch.autograd.Function):
         grad_query, grad_doc, grad_scale = torch.ops.gcl_ops.gcl_stats_backward(
             query, doc, scale, query_ids, doc_ids, neg_row, neg_col,
             grad_neg_row, grad_neg_col, grad_pos, ctx.offset, ctx.normalize, ctx.backend,
-            needs_query, needs_doc, needs_scale, row_parts, col_parts,
+            needs_query, needs_doc, needs_scale, row_parts, col_parts, ctx.autocast,
         )  # fmt: skip
         return (
             grad_query if needs_query else None,

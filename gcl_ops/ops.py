@@ -210,20 +210,26 @@ def _num_splits(n_rows: int, n_cols: int, block_m: int, block_n: int, device: to
     )
 
 
-def _allow_tf32() -> bool:
-    """Whether the user lets fp32 matmuls use TF32. The newer setting
+def _allow_tf32(autocast: bool = False) -> bool:
+    """Whether fp32 GEMMs may use TF32. The newer setting
     ``torch.backends.cuda.matmul.fp32_precision`` ("ieee", "tf32", or "none": defer to the legacy
-    one) comes first: once it is set, the legacy ``torch.get_float32_matmul_precision()`` raises."""
+    one) comes first and is final: once it is set, the legacy
+    ``torch.get_float32_matmul_precision()`` raises. Otherwise TF32 under ``autocast`` (the
+    call was made inside ``torch.autocast`` for the inputs' device: the user asked for reduced
+    precision, which autocast would give a matmul as bf16/fp16; TF32 keeps fp32's range and
+    10 bits more than bf16) or where the legacy setting allows it."""
     precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
     if precision != "none":
         return precision == "tf32"
-    return torch.get_float32_matmul_precision() != "highest"
+    return autocast or torch.get_float32_matmul_precision() != "highest"
 
 
-def _kernel_flags(x: torch.Tensor) -> dict:
-    """Compile-time switches that depend on the dtype and the user's fp32 matmul setting."""
+def _kernel_flags(x: torch.Tensor, tf32: bool | None = None) -> dict:
+    """Compile-time switches that depend on the dtype and the fp32 GEMM precision (``tf32``;
+    ``None``: the user's fp32 matmul setting, ``_allow_tf32()``)."""
+    tf32 = _allow_tf32() if tf32 is None else tf32
     return dict(
-        INPUT_PRECISION="tf32" if _allow_tf32() else "ieee",
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
         UPCAST=_INTERPRETING and x.dtype == torch.bfloat16,
     )
 
@@ -295,10 +301,12 @@ def _triton_stats_forward(
     doc_ids: torch.Tensor | None,
     offset: int,
     normalize: bool,
+    autocast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(neg_row, neg_col, pos)`` and, for the backward, ``row_parts`` ``(3, N)``: ``lse / t``
     of the rows as an fp32 pair ``hi + lo`` (``_lse_parts``) and the positive cosines ``S_ii``,
-    and ``col_parts`` ``(2, M)``: ``lse / t`` of the columns."""
+    and ``col_parts`` ``(2, M)``: ``lse / t`` of the columns. ``autocast``: the call was made
+    under autocast (fp32 GEMMs then in TF32, ``_allow_tf32``)."""
     (n, k), m = query.shape, doc.shape[0]
     query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
     f32 = dict(device=query.device, dtype=torch.float32)
@@ -318,16 +326,16 @@ def _triton_stats_forward(
     row_sum, col_sum = torch.zeros(n, **f32), torch.zeros(m, **f32)
     positive_cosines = torch.zeros(n, **f32)
 
-    key = ("forward", k, query.dtype, normalize, query_ids is None, doc_ids is None,
-           _allow_tf32())  # fmt: skip
+    tf32 = _allow_tf32(autocast)
+    key = ("forward", k, query.dtype, normalize, query_ids is None, doc_ids is None, tf32)
     _tune_on_leading_block(key, n, m, lambda rows, cols: _triton_stats_forward(
         query[:rows], doc[:cols], scale, _head(query_ids, cols), _head(doc_ids, cols), 0,
-        normalize,
+        normalize, autocast,
     ))  # fmt: skip
-    tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=False, tf32=_allow_tf32())
+    tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=False, tf32=tf32)
     block_m = tiles["BLOCK_M"]
     id_pointers, id_flags = _ids_arguments(query_ids, doc_ids, offset, n, row_sum, swap=False)
-    flags = dict(NORMALIZE=normalize, **id_flags, **_kernel_flags(query))
+    flags = dict(NORMALIZE=normalize, **id_flags, **_kernel_flags(query, tf32))
     problem = (query, doc, inv_query, inv_doc, query_ids, doc_ids, offset, row_sum)
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -399,12 +407,13 @@ def _triton_stats_backward(
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     row_parts: torch.Tensor | None = None,
     col_parts: torch.Tensor | None = None,
+    autocast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d query, d doc, d scale)`` in one launch of the fused backward, which computes only the
     parts in ``needs_grad`` (a skipped gradient comes back as an empty tensor).
     ``row_parts`` ``(3, N)``, ``col_parts`` ``(2, M)``: the forward's (``_triton_stats_forward``);
     without them, the log-sum-exp parts of the fp32 ``neg_row``, ``neg_col`` and recomputed
-    positive cosines."""
+    positive cosines. ``autocast``: the forward's (the GEMMs recompute its ``S``)."""
     (n, k), m = query.shape, doc.shape[0]
     query, doc = _fit_int32_offsets(query, 0, k), _fit_int32_offsets(doc, 0, k)
     f32 = dict(device=query.device, dtype=torch.float32)
@@ -424,13 +433,14 @@ def _triton_stats_backward(
     need_query, need_doc, need_scale = needs_grad
     if need_scale and not (need_query or need_doc):
         need_query = True  # d scale comes out of a gradient pass
+    tf32 = _allow_tf32(autocast)
     key = ("backward", k, query.dtype, normalize, query_ids is None, doc_ids is None,
-           _allow_tf32(), need_query, need_doc, need_scale)  # fmt: skip
+           tf32, need_query, need_doc, need_scale)  # fmt: skip
     _tune_on_leading_block(key, n, m, lambda rows, cols: _triton_stats_backward(
         query[:rows], doc[:cols], scale, _head(query_ids, cols), _head(doc_ids, cols),
         neg_row[:rows], neg_col[:cols], grad_neg_row[:rows], grad_neg_col[:cols],
         grad_pos[:rows], 0, normalize, (need_query, need_doc, need_scale),
-        row_parts[:, :rows], col_parts[:, :cols],
+        row_parts[:, :rows], col_parts[:, :cols], autocast,
     ))  # fmt: skip
     # fp32 accumulators of dQ^, dD^ (through the normalised vectors), added to atomically.
     grad_query_hat = torch.zeros(n if need_query else 0, k, **f32)
@@ -443,7 +453,7 @@ def _triton_stats_backward(
                              (grad_neg_row.abs() + grad_pos.abs()).max().reshape(1)])  # fmt: skip
     id_pointers, id_flags = _ids_arguments(query_ids, doc_ids, offset, n, scale32, swap=False)
     flags = dict(NORMALIZE=normalize, NEED_QUERY=need_query, NEED_DOC=need_doc,
-                 SCALE_GRAD=need_scale, **id_flags, **_kernel_flags(query))  # fmt: skip
+                 SCALE_GRAD=need_scale, **id_flags, **_kernel_flags(query, tf32))  # fmt: skip
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return _backward_grid(n, m, k, meta, query.device)
@@ -458,7 +468,7 @@ def _triton_stats_backward(
     if _autotuning():
         _autotuned("backward")[grid](*arguments, **flags, **_COMPILE_OPTIONS)
     else:
-        tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=True, tf32=_allow_tf32())
+        tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=True, tf32=tf32)
         _stats_bwd_kernel[grid](*arguments, **flags, **tiles, **_COMPILE_OPTIONS)
     # d t = sum_ij dZ_ij S_ij: the kernel sums the negatives' terms per column; the positives'
     # g_pos_i S_ii are summed here in float64 (they are the largest terms, w_i / 2 S_ii and
@@ -585,14 +595,18 @@ def _gcl_stats_op(
     offset: int,
     normalize: bool,
     backend: str,
+    autocast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward
     (empty on the PyTorch path): the Triton path's ``lse / t`` in two fp32 parts, ``(2, M)`` for
-    the columns, and for the rows ``(3, N)`` with the positive cosines as a third row."""
+    the columns, and for the rows ``(3, N)`` with the positive cosines as a third row.
+    ``autocast``: the caller ran under autocast (the Triton path's fp32 GEMMs then use TF32)."""
     # Autocast stays outside: the statistics are computed in fp32 from the inputs as they are.
     with torch.autocast(query.device.type, enabled=False), _on_device(query):
         if backend == "triton":
-            return _triton_stats_forward(query, doc, scale, query_ids, doc_ids, offset, normalize)
+            return _triton_stats_forward(
+                query, doc, scale, query_ids, doc_ids, offset, normalize, autocast
+            )
         neg_row, neg_col, pos = reference.blockwise_stats_forward(
             query, doc, scale, query_ids, doc_ids, offset, normalize, _block_elements(query)
         )
@@ -601,7 +615,7 @@ def _gcl_stats_op(
 
 
 @_gcl_stats_op.register_fake
-def _(query, doc, scale, query_ids, doc_ids, offset, normalize, backend):
+def _(query, doc, scale, query_ids, doc_ids, offset, normalize, backend, autocast=False):
     dtype = torch.float32 if backend == "triton" else query.dtype
     n, m = query.shape[0], doc.shape[0]
     triton_path = backend == "triton"
@@ -634,17 +648,18 @@ def _gcl_stats_backward_op(
     needs_scale_grad: bool = True,
     row_parts: Optional[torch.Tensor] = None,  # noqa: UP045
     col_parts: Optional[torch.Tensor] = None,  # noqa: UP045
+    autocast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d query, d doc, d scale)``; a gradient not needed comes back empty (``(0,)``) and is
     not computed (the Triton path skips its pass, the PyTorch path its GEMM).
-    ``row_parts``, ``col_parts``: the forward's, for the Triton path."""
+    ``row_parts``, ``col_parts``, ``autocast``: the forward's, for the Triton path."""
     args = (query, doc, scale, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col,
             grad_pos, offset, normalize)  # fmt: skip
     needs_grad = (needs_query_grad, needs_doc_grad, needs_scale_grad)
     with torch.autocast(query.device.type, enabled=False), _on_device(query):
         if backend == "triton":
             grad_query, grad_doc, grad_scale = _triton_stats_backward(
-                *args, needs_grad, row_parts, col_parts
+                *args, needs_grad, row_parts, col_parts, autocast
             )
         else:
             grad_query, grad_doc, grad_scale = reference.blockwise_stats_backward(
@@ -661,7 +676,7 @@ def _gcl_stats_backward_op(
 @_gcl_stats_backward_op.register_fake
 def _(query, doc, scale, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col,
       grad_pos, offset, normalize, backend, needs_query_grad=True, needs_doc_grad=True,
-      needs_scale_grad=True, row_parts=None, col_parts=None):  # fmt: skip
+      needs_scale_grad=True, row_parts=None, col_parts=None, autocast=False):  # fmt: skip
     return (
         torch.empty_like(query) if needs_query_grad else query.new_empty(0),
         torch.empty_like(doc) if needs_doc_grad else doc.new_empty(0),

@@ -47,6 +47,25 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
+@pytest.fixture
+def restore_matmul_precision():
+    """Put both fp32 precision settings back as they were (the newer one first, then legacy)."""
+    matmul = torch.backends.cuda.matmul
+    new_setting = matmul.fp32_precision
+    global_setting = torch.backends.fp32_precision
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the newer API was in use: restoring it restores everything
+        legacy = None
+    try:
+        yield
+    finally:
+        torch.backends.fp32_precision = global_setting
+        matmul.fp32_precision = new_setting
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

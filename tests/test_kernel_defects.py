@@ -26,25 +26,6 @@ from gcl_ops.reference import naive_gcl_stats
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def restore_matmul_precision():
-    """Put both fp32 precision settings back as they were (the newer one first, then legacy)."""
-    matmul = torch.backends.cuda.matmul
-    new_setting = matmul.fp32_precision
-    global_setting = torch.backends.fp32_precision
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the newer API was in use: restoring it restores everything
-        legacy = None
-    try:
-        yield
-    finally:
-        torch.backends.fp32_precision = global_setting
-        matmul.fp32_precision = new_setting
-        if legacy is not None:
-            torch.set_float32_matmul_precision(legacy)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_newer_fp32_precision_api(impl, restore_matmul_precision) -> None:
     x = torch.zeros(2, 2)
@@ -66,6 +47,57 @@ def test_newer_fp32_precision_api(impl, restore_matmul_precision) -> None:
     for legacy, expected in (("highest", "ieee"), ("high", "tf32")):
         torch.set_float32_matmul_precision(legacy)
         assert ops._kernel_flags(x)["INPUT_PRECISION"] == expected
+
+
+def test_autocast_runs_fp32_gemms_in_tf32(restore_matmul_precision, monkeypatch) -> None:
+    # Under autocast the Triton path's fp32 GEMMs (forward, recomputation, backward) use TF32
+    # unless the newer setting says "ieee"; outside autocast the user's setting decides
+    # (legacy "highest" here: IEEE). Each run's launches carry the precision they were given.
+    monkeypatch.setenv("GCL_OPS_AUTOTUNE", "0")  # (launches through the recorded kernels)
+    kernels = {name: _CountingKernel(getattr(ops, name))
+               for name in ("_stats_fwd_kernel", "_online_lse_kernel", "_stats_bwd_kernel")}  # fmt: skip
+    for name, counter in kernels.items():
+        monkeypatch.setattr(ops, name, counter)
+    query, doc, ids = make_problem(24, 24, 16, 0, with_ids=True, seed=9)
+    weights = torch.rand(24, dtype=torch.float64).float().to(DEVICE)
+    # PyTorch's defaults: the newer setting "none" (deferring), the legacy one "highest" (set
+    # first: setting it also sets the newer one, to "ieee").
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.backends.fp32_precision = "none"
+    assert torch.get_float32_matmul_precision() == "highest"
+
+    def run(autocast: bool) -> tuple[set, list[torch.Tensor]]:
+        for counter in kernels.values():
+            counter.launches.clear()
+        q, d = query.float().to(DEVICE).requires_grad_(), doc.float().to(DEVICE).requires_grad_()
+        scale = torch.tensor(30.0, device=DEVICE, requires_grad=True)
+        ids_here = {name: value.to(DEVICE) for name, value in ids.items()}
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            loss = gcl_ops.gcl_loss(q, d, weights, scale, impl="triton", **ids_here)
+            grads = torch.autograd.grad(loss, (q, d, scale))
+        launched = [kwargs for counter in kernels.values() for kwargs in counter.launches]
+        assert {"_stats_fwd_kernel", "_stats_bwd_kernel"} <= {
+            name for name, counter in kernels.items() if counter.launches
+        }  # fmt: skip
+        return {kwargs["INPUT_PRECISION"] for kwargs in launched}, [loss, *grads]
+
+    ieee_precision, ieee = run(autocast=False)
+    assert ieee_precision == {"ieee"}
+    autocast_precision, under_autocast = run(autocast=True)
+    assert autocast_precision == {"tf32"}
+    # The same numbers as TF32 asked for outside autocast (to the atomics' last bits on a GPU).
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    tf32_precision, tf32 = run(autocast=False)
+    assert tf32_precision == {"tf32"}
+    for got, want in zip(under_autocast, tf32):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # An explicit "ieee" is kept under autocast too.
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    kept_precision, kept = run(autocast=True)
+    assert kept_precision == {"ieee"}
+    for got, want in zip(kept, ieee):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------

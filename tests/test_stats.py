@@ -394,8 +394,8 @@ def gpu_tiles(monkeypatch):
         return  # on a GPU the launchers pick them anyway
     kernel_flags = ops._kernel_flags
 
-    def flags(x):
-        return {**kernel_flags(x), "UPCAST": x.dtype == torch.bfloat16}
+    def flags(x, tf32=None):
+        return {**kernel_flags(x, tf32), "UPCAST": x.dtype == torch.bfloat16}
 
     monkeypatch.setattr(ops, "_kernel_flags", flags)
     monkeypatch.setattr(ops, "_INTERPRETING", False)
