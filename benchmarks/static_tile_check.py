@@ -368,8 +368,38 @@ def flops(launch: Launch, gemms: int) -> tuple[str, str, int]:
         return "0", "2k for the flagged rows only (none usually)", 0
     k_pad = ops._k_pad(k)
     slices = triton.cdiv(k, args["K_SLICE"])
+    if args["RESIDENT"]:  # S^T as one GEMM over the resident tiles' K_PAD columns
+        return "6k", "S again (one GEMM, operands on chip) + dS^T Q + dS D", 6 * k_pad
     note = f"S again ({slices} k slice{'s' * (slices > 1)}) + dS^T Q + dS D"
     return f"{2 * slices + 4}k", note, slices * similarity + 4 * k_pad
+
+
+def l2_bytes(launch: Launch) -> float | None:
+    """Bytes per N^2 that the tiles move through L2 (operand loads into shared memory and the
+    fp32 atomic adds of dQ^), as issued, per entry of the similarity; ``None`` for the kernels
+    without GEMMs. A ``BLOCK_M x BLOCK_N`` tile loading ``BLOCK_M + BLOCK_N`` rows of ``w``
+    columns of ``e`` bytes moves ``w e (1 / BLOCK_N + 1 / BLOCK_M)`` per entry. Loads once per
+    program (the backward's dD^ and its resident D_c) and the per-row statistics are below
+    ``k e / N`` per entry and left out; an upper bound where loads hit in L1. ``flop_per_l2_byte``
+    (``flops_exec`` over it) is to be compared with the GPU's tensor-core rate over its L2
+    bandwidth: 989 dense bf16 TFLOP/s on an H100 SXM over the ~7-12 TB/s that public
+    measurements give its L2, some 80-140 FLOPs per byte; below that, L2 bounds the kernel."""
+    name, args = launch.kernel.fn.__name__, launch.arguments
+    if name not in ("_stats_fwd_kernel", "_stats_bwd_kernel"):
+        return None
+    element = args["query_ptr" if name == "_stats_bwd_kernel" else "rows_ptr"].element_size()
+    k, block_m, block_n = args["k"], args["BLOCK_M"], args["BLOCK_N"]
+    both_sides = 1 / block_m + 1 / block_n
+    similarity = triton.cdiv(k, args["BLOCK_K"]) * args["BLOCK_K"]  # S's columns, as loaded
+    if name == "_stats_fwd_kernel":
+        return similarity * element * both_sides
+    width = triton.cdiv(k, args["K_SLICE"]) * args["K_SLICE"]  # the slices' columns, in all
+    atomics = 4 * width / block_n  # dQ^ in fp32, one add per entry of each (row block, slice)
+    if args["RESIDENT"]:  # each query tile once per tile, for S^T and dD^
+        return width * element / block_n + atomics
+    slices = triton.cdiv(k, args["K_SLICE"])
+    # S^T over all of k per slice, then the slice's Q_r and D_c again for the two gradients.
+    return (slices * similarity + width) * element * both_sides + atomics
 
 
 # ------------------------------------------------------------------------------------------
@@ -416,7 +446,8 @@ def sweep_variants(args) -> list[tuple[dict, Launch]]:
                   block_n=block_n, block_k=block_k):  # fmt: skip
             warps = 8 if backward or block_m * block_n >= 8192 else 4
             tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-            return dict(tiles, K_SLICE=min(k_pad, 256), num_stages=2) if backward else tiles
+            return (dict(tiles, K_SLICE=min(k_pad, 256), num_stages=2, RESIDENT=False)
+                    if backward else tiles)  # fmt: skip
 
         described = dict(dtype=dtype, precision="tf32" if dtype == "fp32" else "-",
                          normalize=True, ids="qid", k=k, config="sweep")  # fmt: skip
@@ -442,14 +473,15 @@ def _cache_key(launch: Launch) -> str:
 
 
 COLUMNS = ["kernel", "role", "config", "dtype", "precision", "normalize", "ids", "k", "K_PAD",
-           "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE", "num_warps", "num_stages", "registers", "spill_stores",
-           "spill_loads", "spill_bytes", "shared_bytes", "mma", "ptx_wgmma", "ptx_mma_sync", "wgmma_shapes",
-           "flops_per_n2", "flops_exec", "flops_note", "specialised", "target", "triton", "date",
-           "error"]  # fmt: skip
+           "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE", "RESIDENT", "num_warps", "num_stages", "registers",
+           "spill_stores", "spill_loads", "spill_bytes", "shared_bytes", "mma", "ptx_wgmma", "ptx_mma_sync",
+           "wgmma_shapes", "flops_per_n2", "flops_exec", "flops_note", "l2_bytes_per_n2", "flop_per_l2_byte",
+           "specialised", "target", "triton", "date", "error"]  # fmt: skip
 TABLE = [("kernel", 20), ("role", 21), ("config", 2), ("dtype", 5), ("precision", 4), ("normalize", 5),
          ("ids", 7), ("k", 5), ("K_PAD", 5), ("BLOCK_M", 4), ("BLOCK_N", 4), ("BLOCK_K", 4), ("K_SLICE", 4),
          ("num_warps", 2), ("num_stages", 2), ("registers", 4), ("spill_bytes", 6),
-         ("shared_bytes", 7), ("mma", 17), ("flops_per_n2", 3), ("flops_exec", 5)]  # fmt: skip
+         ("shared_bytes", 7), ("mma", 17), ("flops_per_n2", 3), ("flops_exec", 5),
+         ("flop_per_l2_byte", 5)]  # fmt: skip
 
 
 def _print_step_flops(totals: dict, fewest: dict) -> None:
@@ -473,7 +505,7 @@ def print_table(rows: list[dict], step_totals: bool = True) -> None:
     header = {"precision": "prec", "normalize": "norm", "BLOCK_M": "BM", "BLOCK_N": "BN",
               "BLOCK_K": "BK", "num_warps": "W", "num_stages": "S", "registers": "regs",
               "spill_bytes": "spill", "shared_bytes": "smem", "flops_per_n2": "F/N2",
-              "flops_exec": "exec"}  # fmt: skip
+              "flops_exec": "exec", "flop_per_l2_byte": "F/B"}  # fmt: skip
     print("  ".join(f"{header.get(key, key):<{width}}" for key, width in TABLE))
     for row in rows:
         print("  ".join(f"{str(row.get(key, '') if row.get(key) is not None else ''):<{width}}"
@@ -562,6 +594,7 @@ def main() -> None:
             **described,
             **{name: arguments.get(name) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE")},
             "K_PAD": ops._k_pad(arguments["k"]) if "k" in arguments else None,
+            "RESIDENT": int(arguments["RESIDENT"]) if "RESIDENT" in arguments else None,
         }
         try:
             if key not in reports:
@@ -569,8 +602,11 @@ def main() -> None:
             report = dict(reports[key])
             gemms = 0 if report["mma"] == "-" else report["mma"].count("+") + 1
             per_n2, note, executed = flops(launch, gemms)
+            moved = l2_bytes(launch)
             row.update(report, spill_bytes=report["spill_stores"] + report["spill_loads"],
-                       flops_per_n2=per_n2, flops_exec=executed, flops_note=note)  # fmt: skip
+                       flops_per_n2=per_n2, flops_exec=executed, flops_note=note,
+                       l2_bytes_per_n2=None if moved is None else round(moved, 1),
+                       flop_per_l2_byte=None if moved is None else round(executed / moved, 1))  # fmt: skip
             too_big = row["shared_bytes"] > SHARED_MEMORY_LIMIT
             row["error"] = "shared memory over 227 KiB" if too_big else ""
         except Exception as error:  # noqa: BLE001 - reported per configuration

@@ -56,7 +56,8 @@ def _tile_candidates(
     register spills (``benchmarks/static_tile_check.py``); the tensor-core ones put every GEMM
     on wgmma. They trade FLOPs against the shape of the wgmma instructions:
 
-    * 64 x 64 tiles, slices of 256 (half) or 128 (TF32): the default. 10k (half) or 14k
+    * 64 x 64 tiles, slices of 256 (half) or 128 (TF32): the default from k = 256 (half) or
+      128 (TF32) on (below: 32 x 128, resident, see ``RESIDENT``). 10k (half) or 14k
       (TF32) FLOPs per N^2 at k = 512, wgmma m64n32 for ``S`` (A and B from shared memory).
     * 16-query row blocks with the full width of k = 512 (half): 8k FLOPs per N^2 at k = 512,
       but ``S`` and ``dQ^`` then run as wgmma m64n8 (two warp groups share the 16 columns),
@@ -65,16 +66,32 @@ def _tile_candidates(
       about two thirds). TF32: 32-query row blocks with 256-wide slices (m64n16k8), 10k at
       k = 512.
 
+    ``RESIDENT`` (backward): where one slice spans ``k``, a row is at most 256 bytes (half:
+    k <= 128; TF32: k <= 64) and the GEMMs run on tensor cores, the documents' tile stays on
+    chip for the whole row loop and each query tile for both of its GEMMs: ``S^T`` and the
+    gradients read no operand twice (otherwise each tile is read again from L2 for its second
+    GEMM). There the default is 32 queries x 128 documents: per entry of ``S`` half the query
+    reads and half the fp32 atomic adds of ``dQ^`` of 64 documents (which dominate the bytes
+    once the operands are resident), with ``S^T`` on wgmma m64n32 as in the 64 x 64 tiles.
+
     Which is faster is for a GPU to say: the first call of each problem size bucket, width and
     dtype times them all and keeps the fastest. Not yet timed on a GPU. fp32 with IEEE GEMMs
     runs on the FMA units, in small tiles and 64-wide slices (wider ones spill kilobytes).
     The interpreter gets small tiles: few programs, while ragged tiles, k slices (backward:
     slices of 32), the transposed ``dQ^`` GEMM of row blocks below 64 and split row blocks are
     exercised."""
+    half = element_size <= 2
+
+    def resident(config: dict) -> dict:
+        # Both operand tiles on chip for both their GEMMs where one slice spans k, the row at
+        # most 256 bytes (wider: the whole-width dQ^ accumulator spills) and the GEMMs run on
+        # tensor cores (FMA loops gain nothing from it and hold their operands in registers).
+        whole = config["K_SLICE"] == k_pad and k_pad * element_size <= 256 and (half or tf32)
+        return dict(config, RESIDENT=whole)
+
     if _INTERPRETING:
         tiles = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
-        return [dict(tiles, K_SLICE=min(k_pad, 32)) if backward else tiles]
-    half = element_size <= 2
+        return [resident(dict(tiles, K_SLICE=min(k_pad, 32))) if backward else tiles]
     block_k = min(k_pad, 64 if half else 32)
 
     def tiles(block_m: int, block_n: int, warps: int, stages: int, **extra: int) -> dict:
@@ -101,6 +118,9 @@ def _tile_candidates(
         widest = min(k_pad, 512 if half else 256)
         if widest > candidates[0]["K_SLICE"]:
             candidates.append(tiles(16 if half else 32, 64, 8, 2, K_SLICE=widest))
+        if k_pad * element_size <= 256:  # resident operands (below): 128 documents per program
+            candidates.insert(0, tiles(32, 128, 8, 2, K_SLICE=k_pad))
+    candidates = [resident(config) for config in candidates]
     return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
 
 

@@ -15,7 +15,7 @@ from gcl_ops import ops
 
 TABLE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/results/static_tiles_sm90.csv"
 ELEMENT_SIZES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TILE_COLUMNS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE", "num_warps", "num_stages")
+TILE_COLUMNS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE", "RESIDENT", "num_warps", "num_stages")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,9 @@ from params import DEVICE, IMPLS, SHAPES
 
 import gcl_ops
 from gcl_ops import contrastive, ops, reference
+from gcl_ops._triton import tl
 from gcl_ops.contrastive import gcl_stats
+from gcl_ops.kernels import stats_backward
 
 MARGINS = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 #: Half precision, against the truth of the rounded inputs: statistics (fp32 out of fp32
@@ -427,6 +429,36 @@ def test_every_autotuned_backward_configuration(gpu_tiles, monkeypatch, candidat
     monkeypatch.setattr(ops, "_tile_sizes", lambda *args, **kwargs: candidates[candidate])
     query, doc, ids = make_problem(70, 70, 300, 0, with_ids=True, seed=candidate)
     check_against_definition("triton", query, doc, 25.0, torch.bfloat16, **ids)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("one_gemm", [False, True], ids=["sliced-S", "one-GEMM-S"])
+@pytest.mark.parametrize(
+    ("k", "dtype", "tf32"),
+    [(100, torch.bfloat16, False), (72, torch.float16, False), (50, torch.float32, True)],
+    ids=["bf16-k100", "fp16-k72", "tf32-k50"],
+)
+def test_resident_backward(
+    gpu_tiles, monkeypatch, restore_matmul_precision, k, dtype, tf32, normalize, one_gemm
+) -> None:
+    # One k slice spans the width (half: k <= 128, TF32: k <= 64): the backward keeps the
+    # documents' tile and each query tile on chip for both their GEMMs. On a GPU S^T is then one
+    # GEMM over all of k; the interpreter's numpy GEMM would round that one otherwise than the
+    # forward's slices, so there the backward recomputes S by slices: both forms are checked.
+    # Every candidate there is resident: 32 x 128 (the transposed dQ^ GEMM) and 64 x 64.
+    if tf32:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    candidates = ops._tile_candidates(ops._k_pad(k), dtype.itemsize, backward=True, tf32=tf32)
+    assert {(c["BLOCK_M"], c["BLOCK_N"]) for c in candidates} == {(32, 128), (64, 64)}
+    monkeypatch.setattr(stats_backward, "CHAINED_DOT", tl.constexpr(one_gemm))
+    query, doc, ids = make_problem(70, 150, k, 7, with_ids=True, seed=k)
+    scale = 25.0 if normalize else 4.0
+    for tiles in candidates:
+        assert tiles["RESIDENT"] and tiles["K_SLICE"] == ops._k_pad(k), tiles
+        monkeypatch.setattr(ops, "_tile_sizes", lambda *args, tiles=tiles, **kwargs: tiles)
+        check_against_definition(
+            "triton", query, doc, scale, dtype, offset=7, normalize=normalize, **ids
+        )
 
 
 def test_gpu_tile_sizes_online_recomputation(gpu_tiles) -> None:

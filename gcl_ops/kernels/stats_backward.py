@@ -4,6 +4,7 @@ tiles, FlashAttention-2 style (a program owns a block of columns and the row blo
 
 from gcl_ops._triton import tl, triton
 from gcl_ops.kernels.tiles import (
+    CHAINED_DOT,
     LOG2E,
     _cosine_tile,
     _fp16_exponent,
@@ -25,7 +26,7 @@ def _stats_bwd_kernel(
     n_rows, n_cols, k, diag_offset,  # sizes
     size_bucket,  # log2 of n_rows * n_cols, rounded: only a key for the autotuner
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICE: tl.constexpr,
-    NORMALIZE: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
+    RESIDENT: tl.constexpr, NORMALIZE: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
     NEED_QUERY: tl.constexpr, NEED_DOC: tl.constexpr, SCALE_GRAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -42,7 +43,9 @@ def _stats_bwd_kernel(
     of ``dD^``, whose register operand ``dS^T`` is then the tile itself. ``dQ^`` is
     ``dS D_c`` (``dS`` the register operand) for row blocks of 64 and more, and ``D_c^T dS^T``
     (``k`` on the M side) for narrower ones (``TRANSPOSED_QUERY_GRAD``): 16-query row blocks
-    leave the registers to a ``dD^`` as wide as ``k = 512``.
+    leave the registers to a ``dD^`` as wide as ``k = 512``. With ``RESIDENT`` (one slice
+    spanning ``k``) ``D_c`` is loaded once for the whole row loop and each ``Q_r`` once for both
+    of its GEMMs; otherwise the gradients load their slice of each again (from L2).
 
     ``dX^`` is the gradient through the normalised vectors, ``dL/dx^ / |x|``-free: the launcher
     applies ``dx = (dx^ - x <x, dx^> / |x|^2) / |x|`` (``_through_norm``). ``dD^`` is added
@@ -89,13 +92,34 @@ def _stats_bwd_kernel(
         query_down = _power_of_two(-query_exponent)
         doc_down = _power_of_two(-doc_exponent)
 
-    # dQ^ goes out in chunks of 64 of k (the whole slice where it is narrower): with row blocks
-    # below 64 the chunk is the M side of its GEMM (TRANSPOSED_QUERY_GRAD), and wgmma needs 64.
-    QUERY_CHUNK: tl.constexpr = K_SLICE if K_SLICE < 64 else 64
+    # RESIDENT (one slice as wide as k, chosen by the launcher's tile candidates): D_c is loaded
+    # once, before the row loop, and each Q_r once per row block, each serving both of its
+    # GEMMs (S^T and dQ^; S^T and dD^) from on-chip memory. Otherwise both stream through the
+    # GEMM over k for S^T and their slice is loaded again for the gradients (a resident D_c of
+    # the whole width needs one dQ^ GEMM as wide as k, whose accumulator spills from 256 bytes
+    # per row on). fp32 with normalisation (SCALE_OPERANDS, as in _cosine_tile): the resident
+    # tiles are the normalised D^_c, Q^_r, and the gradients' dS takes no 1/|x| factor.
+    SCALE_OPERANDS: tl.constexpr = query_ptr.dtype.element_ty == tl.float32
+    PRESCALED: tl.constexpr = (RESIDENT and NORMALIZE) and SCALE_OPERANDS
+    # dQ^ goes out in chunks of 64 of k (the whole slice where it is narrower or resident): with
+    # row blocks below 64 the chunk is the M side of its GEMM (TRANSPOSED_QUERY_GRAD), and wgmma
+    # needs 64.
+    QUERY_CHUNK: tl.constexpr = K_SLICE if (K_SLICE < 64 or RESIDENT) else 64
     tl.static_assert(K_SLICE % QUERY_CHUNK == 0)  # (powers of two: the chunks tile the slice)
     TRANSPOSED_QUERY_GRAD: tl.constexpr = BLOCK_M < 64
     offs_slice = slice_start + tl.arange(0, K_SLICE)
     slice_ok = offs_slice < k
+    if PRESCALED:
+        col_factor = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+    if RESIDENT:  # D_c (fp32 normalised: D^_c), all of k, on chip for the whole row loop
+        doc_tile = tl.load(
+            doc_ptr + _row_offsets(cols, offs_slice, stride_dn, stride_dk),
+            mask=cols_ok[:, None] & slice_ok[None, :], other=0.0,
+        )  # fmt: skip
+        if UPCAST:
+            doc_tile = doc_tile.to(tl.float32)
+        if PRESCALED:
+            doc_tile = doc_tile * inv_cols[:, None]
     grad_doc_hat = tl.zeros((BLOCK_N, K_SLICE), dtype=tl.float32)
     scale_cols = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_blocks = tl.cdiv(n_rows, BLOCK_M)
@@ -113,12 +137,28 @@ def _stats_bwd_kernel(
         neg_row_lo = tl.load(neg_row_ptr + n_rows + rows, mask=rows_ok, other=0.0)
         grad_neg_row = tl.load(grad_neg_row_ptr + rows, mask=rows_ok, other=0.0)
         grad_pos = tl.load(grad_pos_ptr + rows, mask=rows_ok, other=0.0)
+        if RESIDENT:  # Q_r (fp32 normalised: Q^_r), all of k, for S^T and dD^
+            query_tile = tl.load(
+                query_ptr + _row_offsets(rows, offs_slice, stride_qn, stride_qk),
+                mask=rows_ok[:, None] & slice_ok[None, :], other=0.0,
+            )  # fmt: skip
+            if UPCAST:
+                query_tile = query_tile.to(tl.float32)
+            if PRESCALED:
+                query_tile = query_tile * inv_rows[:, None]
         # (documents as the tile's rows: S^T, bitwise the forward's S)
-        cosines = _cosine_tile(
-            doc_ptr, query_ptr, cols, rows, inv_cols, inv_rows,
-            stride_dn, stride_dk, stride_qn, stride_qk, n_cols, n_rows, k,
-            BLOCK_N, BLOCK_M, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
-        )  # fmt: skip
+        if RESIDENT and CHAINED_DOT:
+            # One GEMM over all of k: on the GPU the same k16 (TF32: k8; FMA: k1) steps into
+            # one accumulator, in the same order, as _cosine_tile's loop over BLOCK_K slices.
+            cosines = tl.dot(doc_tile, tl.trans(query_tile), input_precision=INPUT_PRECISION)
+            if NORMALIZE and not SCALE_OPERANDS:
+                cosines = cosines * (inv_cols[:, None] * inv_rows[None, :])
+        else:  # (the interpreter's numpy GEMM rounds a K-wide dot otherwise: slices, as there)
+            cosines = _cosine_tile(
+                doc_ptr, query_ptr, cols, rows, inv_cols, inv_rows,
+                stride_dn, stride_dk, stride_qn, stride_qk, n_cols, n_rows, k,
+                BLOCK_N, BLOCK_M, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
+            )  # fmt: skip
         # (query i is the positive of document j = i + diag_offset)
         negative, positive = _tile_masks(
             cols, rows, n_cols, n_rows, -diag_offset,
@@ -144,11 +184,16 @@ def _stats_bwd_kernel(
         grad_cosines = grad_logits * scale  # dS^T = t dZ^T
         if NEED_DOC:  # dD^_c += (dS / |q|)^T Q_r over this program's slice of k
             row_factor = inv_rows * doc_up if RESCALE else inv_rows
+            if PRESCALED:
+                row_factor = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
             doc_operand = (grad_cosines * row_factor[None, :]).to(query_ptr.dtype.element_ty)
-            row_slice = tl.load(
-                query_ptr + _row_offsets(rows, offs_slice, stride_qn, stride_qk),
-                mask=rows_ok[:, None] & slice_ok[None, :], other=0.0,
-            )  # fmt: skip
+            if RESIDENT:
+                row_slice = query_tile
+            else:
+                row_slice = tl.load(
+                    query_ptr + _row_offsets(rows, offs_slice, stride_qn, stride_qk),
+                    mask=rows_ok[:, None] & slice_ok[None, :], other=0.0,
+                )  # fmt: skip
             if UPCAST:  # the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584)
                 doc_operand = doc_operand.to(tl.float32)
                 row_slice = row_slice.to(tl.float32)
@@ -161,10 +206,13 @@ def _stats_bwd_kernel(
             for chunk in range(0, K_SLICE, QUERY_CHUNK):
                 offs_k = slice_start + chunk + tl.arange(0, QUERY_CHUNK)
                 k_ok = offs_k < k
-                col_chunk = tl.load(
-                    doc_ptr + _row_offsets(cols, offs_k, stride_dn, stride_dk),
-                    mask=cols_ok[:, None] & k_ok[None, :], other=0.0,
-                )  # fmt: skip
+                if RESIDENT:  # (one chunk: the resident D_c)
+                    col_chunk = doc_tile
+                else:
+                    col_chunk = tl.load(
+                        doc_ptr + _row_offsets(cols, offs_k, stride_dn, stride_dk),
+                        mask=cols_ok[:, None] & k_ok[None, :], other=0.0,
+                    )  # fmt: skip
                 if UPCAST:
                     col_chunk = col_chunk.to(tl.float32)
                 if TRANSPOSED_QUERY_GRAD:  # dQ^T = D_c^T dS'^T: k on the M side

@@ -140,6 +140,10 @@ def _fma_probe():
 
 #: Whether ``tl.fma`` is fused (one rounding): on the GPU; the interpreter rounds the product.
 FUSED_FMA = tl.constexpr(not interpreting(_fma_probe))
+#: Whether one ``tl.dot`` over ``K`` columns rounds exactly like a loop of ``tl.dot`` over its
+#: slices into the same accumulator: on the GPU (tensor-core k steps or FMAs in order either
+#: way); the interpreter's numpy GEMM sums a wide product in its own order.
+CHAINED_DOT = tl.constexpr(not interpreting(_fma_probe))
 
 
 @triton.jit
