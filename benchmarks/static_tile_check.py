@@ -559,7 +559,7 @@ def print_table(rows: list[dict], step_totals: bool = True) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--k", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024])
     parser.add_argument("--n", type=int, default=32768, help="rows = columns of the problem")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--normalize", nargs="+", choices=["on", "off"], default=["on", "off"])

@@ -57,7 +57,7 @@ def _tile_candidates(
     on wgmma. They trade FLOPs against the shape of the wgmma instructions:
 
     * 64 x 64 tiles, slices of 256 (half) or 128 (TF32): the default from k = 256 (half) or
-      128 (TF32) on (below: 32 x 128, resident, see ``RESIDENT``). 10k (half) or 14k
+      128 (TF32) on and below k = 64 (between: 32 x 128, resident, see ``RESIDENT``). 10k (half) or 14k
       (TF32) FLOPs per N^2 at k = 512, wgmma m64n32 for ``S`` (A and B from shared memory).
     * 16-query row blocks with the full width of k = 512 (half): 8k FLOPs per N^2 at k = 512,
       but ``S`` and ``dQ^`` then run as wgmma m64n8 (two warp groups share the 16 columns),
@@ -70,9 +70,11 @@ def _tile_candidates(
     k <= 128; TF32: k <= 64) and the GEMMs run on tensor cores, the documents' tile stays on
     chip for the whole row loop and each query tile for both of its GEMMs: ``S^T`` and the
     gradients read no operand twice (otherwise each tile is read again from L2 for its second
-    GEMM). There the default is 32 queries x 128 documents: per entry of ``S`` half the query
-    reads and half the fp32 atomic adds of ``dQ^`` of 64 documents (which dominate the bytes
-    once the operands are resident), with ``S^T`` on wgmma m64n32 as in the 64 x 64 tiles.
+    GEMM). There the default is 32 queries x 128 documents from k = 64 on: per entry of ``S``
+    half the query reads and half the fp32 atomic adds of ``dQ^`` of 64 documents (which
+    dominate the bytes once the operands are resident), with ``S^T`` on wgmma m64n32 as in the
+    64 x 64 tiles. Below k = 64 the transposed ``dQ^`` GEMM of 32-query row blocks would have
+    fewer than wgmma's 64 rows (``k``) and fall back to mma.sync: 64 x 64 there.
 
     Which is faster is for a GPU to say: the first call of each problem size bucket, width and
     dtype times them all and keeps the fastest. Not yet timed on a GPU. fp32 with IEEE GEMMs
@@ -110,6 +112,8 @@ def _tile_candidates(
             tiles(16, 32, 4, 2, K_SLICE=min(k_pad, 64)),
             tiles(32, 32, 4, 2, K_SLICE=min(k_pad, 32)),
         ]
+        if k_pad <= 32:  # there ptxas holds the others to 128 registers: with ids, 4-16 B spill
+            candidates = candidates[:1]
     else:
         # 64 x 64 tiles in slices of 256 (half; also 128) or 128 (TF32); and a 64-document
         # dD^ as wide as the registers allow next to 16 (half) or 32 (TF32) query rows.
@@ -118,7 +122,10 @@ def _tile_candidates(
         widest = min(k_pad, 512 if half else 256)
         if widest > candidates[0]["K_SLICE"]:
             candidates.append(tiles(16 if half else 32, 64, 8, 2, K_SLICE=widest))
-        if k_pad * element_size <= 256:  # resident operands (below): 128 documents per program
+        # Resident operands (below), 128 documents per program; from k = 64 on, where the
+        # transposed dQ^ GEMM of its 32-query row blocks has the 64 rows of k that wgmma needs
+        # (below, the 64 x 64 tile: dQ^ = dS D_c has 64 query rows).
+        if k_pad >= 64 and k_pad * element_size <= 256:
             candidates.insert(0, tiles(32, 128, 8, 2, K_SLICE=k_pad))
     candidates = [resident(config) for config in candidates]
     return [config for i, config in enumerate(candidates) if config not in candidates[:i]]
