@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import gcl_ops
+from gcl_ops import ops
+from gcl_ops._triton import tl, triton
+from gcl_ops.kernels.tiles import CHAINED_DOT, _cosine_tile
 
 pytestmark = pytest.mark.gpu
 
@@ -141,3 +144,80 @@ def test_terms_flushed_to_zero_on_the_gpu_are_recomputed(dtype: torch.dtype) -> 
     for name, g, w in zip(("neg_row", "neg_col", "pos"), got, want):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=2e-3, msg=name)
+
+
+@triton.jit
+def _forward_cosines(query_ptr, doc_ptr, inv_query_ptr, inv_doc_ptr, out_ptr, k,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """The forward's ``S`` tile (queries x documents): ``_cosine_tile``, ``k`` in slices."""
+    rows, cols = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
+    cosines = _cosine_tile(
+        query_ptr, doc_ptr, rows, cols, tl.load(inv_query_ptr + rows), tl.load(inv_doc_ptr + cols),
+        k, 1, k, 1, BLOCK_M, BLOCK_N, k, BLOCK_M, BLOCK_N, BLOCK_K, NORMALIZE, INPUT_PRECISION,
+        False,
+    )  # fmt: skip
+    tl.store(out_ptr + rows[:, None] * BLOCK_N + cols[None, :], cosines)
+
+
+@triton.jit
+def _resident_cosines(query_ptr, doc_ptr, inv_query_ptr, inv_doc_ptr, out_ptr, k,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+                      NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """The resident backward's ``S^T`` tile (documents x queries), as ``_stats_bwd_kernel``
+    forms it with ``RESIDENT`` and ``CHAINED_DOT``: one GEMM over all of ``k``, fp32 operands
+    normalised before it, half ones after."""
+    queries, docs, offs_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, K_PAD)
+    inv_queries, inv_docs = tl.load(inv_query_ptr + queries), tl.load(inv_doc_ptr + docs)
+    k_ok = (offs_k < k)[None, :]
+    doc_tile = tl.load(doc_ptr + docs[:, None] * k + offs_k[None, :], mask=k_ok, other=0.0)
+    query_tile = tl.load(query_ptr + queries[:, None] * k + offs_k[None, :], mask=k_ok, other=0.0)
+    SCALE_OPERANDS: tl.constexpr = query_ptr.dtype.element_ty == tl.float32
+    if NORMALIZE and SCALE_OPERANDS:
+        doc_tile = doc_tile * inv_docs[:, None]
+        query_tile = query_tile * inv_queries[:, None]
+    cosines = tl.dot(doc_tile, tl.trans(query_tile), input_precision=INPUT_PRECISION)
+    if NORMALIZE and not SCALE_OPERANDS:
+        cosines = cosines * (inv_docs[:, None] * inv_queries[None, :])
+    tl.store(out_ptr + docs[:, None] * BLOCK_M + queries[None, :], cosines)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize(
+    ("k", "dtype", "tf32"),
+    [(128, torch.bfloat16, False), (72, torch.float16, False), (64, torch.float32, True)],
+    ids=["bf16-k128", "fp16-k72", "tf32-k64"],
+)
+def test_resident_backward_recomputes_the_forwards_cosines(k, dtype, tf32, normalize) -> None:
+    # CHAINED_DOT: on the GPU the resident backward forms S^T in one GEMM over all of k and
+    # relies on it being bitwise the forward's S, summed over BLOCK_K slices (the same k16 / k8
+    # tensor-core steps into one accumulator, in the same order), so that P = exp(Z - lse)
+    # sees the very Z whose log-sum-exp the forward took. Each form in the tiles and warps the
+    # launchers use.
+    assert CHAINED_DOT
+    k_pad, element_size = ops._k_pad(k), dtype.itemsize
+    forward = ops._tile_sizes(k_pad, element_size, backward=False, tf32=tf32)
+    backward = ops._tile_sizes(k_pad, element_size, backward=True, tf32=tf32)
+    assert backward["RESIDENT"] and backward["K_SLICE"] == k_pad, backward
+    n = max(forward["BLOCK_M"], backward["BLOCK_M"])
+    m = max(forward["BLOCK_N"], backward["BLOCK_N"])
+    query, doc, _, _ = _batch(n, k, m, seed=k)
+    query, doc = query.to(dtype).contiguous(), doc.to(dtype).contiguous()
+    inv_query = 1.0 / query.float().norm(dim=1)
+    inv_doc = 1.0 / doc.float().norm(dim=1)
+    precision = "tf32" if tf32 else "ieee"
+    sliced = torch.empty(forward["BLOCK_M"], forward["BLOCK_N"], device="cuda")
+    _forward_cosines[(1,)](
+        query, doc, inv_query, inv_doc, sliced, k,
+        forward["BLOCK_M"], forward["BLOCK_N"], forward["BLOCK_K"], normalize, precision,
+        num_warps=forward["num_warps"],
+    )  # fmt: skip
+    one_gemm = torch.empty(backward["BLOCK_N"], backward["BLOCK_M"], device="cuda")
+    _resident_cosines[(1,)](
+        query, doc, inv_query, inv_doc, one_gemm, k,
+        backward["BLOCK_M"], backward["BLOCK_N"], k_pad, normalize, precision,
+        num_warps=backward["num_warps"],
+    )  # fmt: skip
+    rows = min(forward["BLOCK_M"], backward["BLOCK_M"])
+    cols = min(forward["BLOCK_N"], backward["BLOCK_N"])
+    assert torch.equal(sliced[:rows, :cols], one_gemm.T[:rows, :cols])
