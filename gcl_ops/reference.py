@@ -101,10 +101,7 @@ def excluded_pairs(
         return None
     row_index = torch.arange(rows.start, rows.stop, device=_device_of(query_ids, doc_ids))
     col_index = torch.arange(num_cols, device=row_index.device)
-    same = torch.zeros(len(row_index), num_cols, dtype=torch.bool, device=row_index.device)
-    for ids in (query_ids, doc_ids):
-        if ids is not None:
-            same |= ids[offset + row_index][:, None] == ids[None, :]
+    same = _same_ids(query_ids, doc_ids, row_index, col_index, offset)
     return same & (col_index[None, :] != (offset + row_index)[:, None])
 
 
