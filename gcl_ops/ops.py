@@ -624,9 +624,10 @@ def _gcl_stats_op(
     backend: str,
     autocast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward
-    (empty on the PyTorch path): the Triton path's ``lse / t`` in two fp32 parts, ``(2, M)`` for
-    the columns, and for the rows ``(3, N)`` with the positive cosines as a third row.
+    """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward,
+    the log-sum-exps more precisely than fp32 holds them near |Z| = 64: the Triton path's
+    ``lse / t`` in two fp32 parts, ``(2, M)`` for the columns, and for the rows ``(3, N)`` with
+    the positive cosines as a third row; the PyTorch path's in float64, ``(N,)`` and ``(M,)``.
     ``autocast``: the caller ran under autocast (the Triton path's fp32 GEMMs then use TF32)."""
     # Autocast stays outside: the statistics are computed in fp32 from the inputs as they are.
     with torch.autocast(query.device.type, enabled=False), _on_device(query):
@@ -634,11 +635,9 @@ def _gcl_stats_op(
             return _triton_stats_forward(
                 query, doc, scale, query_ids, doc_ids, offset, normalize, autocast
             )
-        neg_row, neg_col, pos = reference.blockwise_stats_forward(
+        return reference.blockwise_stats_forward(
             query, doc, scale, query_ids, doc_ids, offset, normalize, _block_elements(query)
         )
-        unused = query.new_empty(0, dtype=torch.float32)
-        return neg_row, neg_col, pos, unused, unused.clone()
 
 
 @_gcl_stats_op.register_fake
@@ -646,12 +645,13 @@ def _(query, doc, scale, query_ids, doc_ids, offset, normalize, backend, autocas
     dtype = torch.float32 if backend == "triton" else query.dtype
     n, m = query.shape[0], doc.shape[0]
     triton_path = backend == "triton"
+    parts_dtype = torch.float32 if triton_path else torch.float64
     return (
         query.new_empty(n, dtype=dtype),
         query.new_empty(m, dtype=dtype),
         query.new_empty(n, dtype=dtype),
-        query.new_empty((3, n) if triton_path else (0,), dtype=torch.float32),
-        query.new_empty((2, m) if triton_path else (0,), dtype=torch.float32),
+        query.new_empty((3, n) if triton_path else (n,), dtype=parts_dtype),
+        query.new_empty((2, m) if triton_path else (m,), dtype=parts_dtype),
     )
 
 
@@ -679,7 +679,8 @@ def _gcl_stats_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d query, d doc, d scale)``; a gradient not needed comes back empty (``(0,)``) and is
     not computed (the Triton path skips its pass, the PyTorch path its GEMM).
-    ``row_parts``, ``col_parts``, ``autocast``: the forward's, for the Triton path."""
+    ``row_parts``, ``col_parts``: the forward's precise log-sum-exps (``gcl_stats``);
+    ``autocast``: the forward's, for the Triton path."""
     args = (query, doc, scale, query_ids, doc_ids, neg_row, neg_col, grad_neg_row, grad_neg_col,
             grad_pos, offset, normalize)  # fmt: skip
     needs_grad = (needs_query_grad, needs_doc_grad, needs_scale_grad)
@@ -691,7 +692,8 @@ def _gcl_stats_backward_op(
         else:
             grad_query, grad_doc, grad_scale = reference.blockwise_stats_backward(
                 *args, _block_elements(query), need_query=needs_query_grad,
-                need_doc=needs_doc_grad, need_scale=needs_scale_grad,
+                need_doc=needs_doc_grad, need_scale=needs_scale_grad, lse_row=row_parts,
+                lse_col=col_parts,
             )  # fmt: skip
     if not needs_query_grad:
         grad_query = query.new_empty(0)

@@ -376,9 +376,10 @@ def blockwise_stats_forward(
     offset: int = 0,
     normalize: bool = True,
     block_elements: int = BLOCK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(neg_row (N,), neg_col (M,), pos (N,))`` of ``Z = scale * Q^ @ D^.T``, one tile at a
-    time; see ``blockwise_stats_backward`` for the gradient.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(neg_row (N,), neg_col (M,), pos (N,), lse_row (N,), lse_col (M,))`` of
+    ``Z = scale * Q^ @ D^.T``, one tile at a time; see ``blockwise_stats_backward`` for the
+    gradient.
 
     Args:
         query: ``(N, k)`` row embeddings (queries), fp32 or fp64.
@@ -392,8 +393,9 @@ def blockwise_stats_forward(
 
     Returns:
         ``neg_row`` and ``neg_col``, the log-sum-exp of ``Z`` over each row's and column's
-        negatives (``-inf`` where there is none), and ``pos = Z[i, offset + i]``. Extra memory:
-        one tile (backward: two), the normalised ``Q^`` and ``D^`` and O(N + M) statistics.
+        negatives (``-inf`` where there is none), ``pos = Z[i, offset + i]``, and ``lse_row``,
+        ``lse_col``: ``neg_row``, ``neg_col`` in float64, for the backward. Extra memory: one
+        tile (backward: two), the normalised ``Q^`` and ``D^`` and O(N + M) statistics.
 
     One ``exp(Z - shift)`` per entry feeds both the row and the column sums (``shift`` fixed, see
     the module docstring); a sum below ``TINY_SUM`` is recomputed exactly from ``Z``.
@@ -408,14 +410,21 @@ def blockwise_stats_forward(
         row_sum[rows] += tile.sum(dim=1)
         col_sum[cols] += tile.sum(dim=0)
     redo_rows, redo_cols = _needs_exact(row_sum), _needs_exact(col_sum)
-    neg_row, neg_col = row_sum.log_().add_(z.shift), col_sum.log_().add_(z.shift)
+    # The log-sum-exps in float64 as well: near |Z| = 64 an fp32 one is rounded by up to 4e-6,
+    # and the backward's exp(Z - lse) would carry that error into every entry of its row
+    # (column) alike, so that the row's probabilities no longer sum to 1 - P_ii (d t, which
+    # sums them against the positive's term, came out 1.1e-5 off at t = 65 where naive fp32,
+    # subtracting its maximum first, is 3e-7 off).
+    lse_row = row_sum.double().log_().add_(z.shift)
+    lse_col = col_sum.double().log_().add_(z.shift)
     # Sums that underflowed (every negative far below the shift) or are empty: exact, with the
     # maximum of each row (column) subtracted by logsumexp.
-    for by_columns, redo, lse in ((False, redo_rows, neg_row), (True, redo_cols, neg_col)):
+    for by_columns, redo, lse in ((False, redo_rows, lse_row), (True, redo_cols, lse_col)):
         for chunk, logits in z.exact_logits(redo, by_columns):
-            lse[chunk] = torch.logsumexp(logits, dim=1)
+            lse[chunk] = torch.logsumexp(logits.double(), dim=1)
     pos = torch.linalg.vecdot(z.query_hat, z.doc_hat[offset : offset + z.n]) * scale
-    return neg_row, neg_col, pos
+    neg_row, neg_col = lse_row.to(query.dtype, copy=True), lse_col.to(query.dtype, copy=True)
+    return neg_row, neg_col, pos, lse_row, lse_col
 
 
 def blockwise_stats_backward(
@@ -436,10 +445,14 @@ def blockwise_stats_backward(
     need_query: bool = True,
     need_doc: bool = True,
     need_scale: bool = True,
+    lse_row: torch.Tensor | None = None,
+    lse_col: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(d query, d doc, d scale)`` of ``blockwise_stats_forward``, recomputing each
     tile of ``Z`` from the saved statistics; the arguments are the forward's plus its outputs
-    and their gradients (all ``(N,)`` or ``(M,)``).
+    and their gradients (all ``(N,)`` or ``(M,)``). ``lse_row``, ``lse_col``: the forward's
+    float64 log-sum-exps, used in place of ``neg_row``, ``neg_col`` where given (fp32 ones
+    leave each row's probabilities off by up to 4e-6 near |Z| = 64).
 
     ``need_query`` / ``need_doc`` False skip that side's GEMM (one of the three per tile) and
     return an empty ``(0,)`` tensor in its place. ``d scale`` costs O((N + M) k) given either
@@ -450,6 +463,8 @@ def blockwise_stats_backward(
     if not (need_query or need_doc or need_scale):
         return empty_query, empty_doc, query.new_zeros(())
     z = _Tiles(query, doc, scale, query_ids, doc_ids, offset, normalize, block_elements)
+    neg_row = neg_row if lse_row is None else lse_row
+    neg_col = neg_col if lse_col is None else lse_col
     # dZ_ij = E_ij (a_i + b_j) on the negatives, E = exp(Z - shift), with the per-row and
     # per-column factors a_i = g_row_i exp(shift - neg_row_i), b_j = g_col_j exp(shift - neg_col_j).
     # They are at most g * e^46 where neg >= shift + log(TINY_SUM); a row (column) below that
@@ -458,6 +473,7 @@ def blockwise_stats_backward(
     row_ok, col_ok = neg_row >= floor, neg_col >= floor
     row_factor = torch.where(row_ok, grad_neg_row * torch.exp(z.shift - neg_row), 0.0)
     col_factor = torch.where(col_ok, grad_neg_col * torch.exp(z.shift - neg_col), 0.0)
+    row_factor, col_factor = row_factor.to(query.dtype), col_factor.to(query.dtype)
     # GQ = dZ D^ and GD = dZ^T Q^ (dQ^ = t GQ, dD^ = t GD); d scale = sum(dZ * S) is
     # sum(GQ * Q^) = sum(GD * D^), so it needs one of them.
     grad_rows = z.query_hat.new_zeros(z.query_hat.shape) if need_query or not need_doc else None
@@ -477,7 +493,9 @@ def blockwise_stats_backward(
                                       (True, col_ok, neg_col, grad_neg_col)):  # fmt: skip
         exact = (~ok & (lse != float("-inf")) & (grad != 0)).nonzero().flatten()
         for chunk, logits in z.exact_logits(exact, by_columns):
-            grad_logits = logits.sub_(lse[chunk, None]).exp_().mul_(grad[chunk, None])
+            # (Z - lse in the statistics' precision, as the forward took the lse)
+            terms = (logits.to(lse.dtype) - lse[chunk, None]).exp_().mul_(grad[chunk, None])
+            grad_logits = terms.to(logits.dtype)
             if by_columns:  # the rows of dZ^T: columns ``chunk`` of dZ
                 _accumulate(grad_logits.T, z, slice(None), chunk, grad_rows, grad_cols)
             else:
