@@ -144,7 +144,34 @@ def _autotuning() -> bool:
     graph is being captured (timing synchronises, which a capture does not allow)."""
     if _INTERPRETING or os.environ.get("GCL_OPS_AUTOTUNE", "1") == "0":
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not _capturing()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+#: The tiles the autotuner chose, per launch (``_launch``'s key), for the launches made while
+#: a CUDA graph is captured: they reuse the kernel compiled (and loaded) for the warm-up steps
+#: before the capture, where other tiles would compile and load a module inside the capture,
+#: which CUDA does not allow.
+_CHOSEN_TILES: dict = {}
+
+
+def _launch(which: str, grid, arguments: tuple, flags: dict, tiles: dict, key: tuple) -> None:
+    """The forward or backward kernel (``which``) over ``grid``: through the autotuner
+    (``_autotuning``), else with ``tiles`` (the defaults) or, while a CUDA graph is captured,
+    the tiles the autotuner chose for this ``key`` before."""
+    if _autotuning():
+        autotuner = _autotuned(which)
+        autotuner[grid](*arguments, **flags, **_COMPILE_OPTIONS)
+        if getattr(autotuner, "best_config", None) is not None:
+            _CHOSEN_TILES[key] = _config_tiles(autotuner.best_config)
+        return
+    if _capturing():
+        tiles = _CHOSEN_TILES.get(key, tiles)
+    kernel = _stats_bwd_kernel if which == "backward" else _stats_fwd_kernel
+    kernel[grid](*arguments, **flags, **tiles, **_COMPILE_OPTIONS)
 
 
 #: Compile options of every embedding-form launch. No floating-point contraction: the kernels
@@ -375,10 +402,7 @@ def _triton_stats_forward(
         query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
         n, m, k, offset, _size_bucket(n, m),
     )  # fmt: skip
-    if _autotuning():
-        _autotuned("forward")[grid](*arguments, **flags, **_COMPILE_OPTIONS)
-    else:
-        _stats_fwd_kernel[grid](*arguments, **flags, **tiles, **_COMPILE_OPTIONS)
+    _launch("forward", grid, arguments, flags, tiles, (*key, query.device, _size_bucket(n, m)))
     # The recomputation (rarely run) in at most 64-wide column tiles, 4 warps, 2 stages:
     # the forward's 128-wide tiles spill there for fp32 with IEEE dot products.
     constants = {**flags, **tiles, "BLOCK_N": min(tiles["BLOCK_N"], 64), "num_warps": 4,
@@ -492,11 +516,8 @@ def _triton_stats_backward(
         query.stride(0), query.stride(1), doc.stride(0), doc.stride(1),
         n, m, k, offset, _size_bucket(n, m),
     )  # fmt: skip
-    if _autotuning():
-        _autotuned("backward")[grid](*arguments, **flags, **_COMPILE_OPTIONS)
-    else:
-        tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=True, tf32=tf32)
-        _stats_bwd_kernel[grid](*arguments, **flags, **tiles, **_COMPILE_OPTIONS)
+    tiles = _tile_sizes(_k_pad(k), query.element_size(), backward=True, tf32=tf32)
+    _launch("backward", grid, arguments, flags, tiles, (*key, query.device, _size_bucket(n, m)))
     # d t = sum_ij dZ_ij S_ij: the kernel sums the negatives' terms per column; the positives'
     # g_pos_i S_ii are summed here in float64 (they are the largest terms, w_i / 2 S_ii and
     # more, and cancel against the negatives' sums: fp32 partial sums of them cost digits).

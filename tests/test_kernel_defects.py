@@ -19,6 +19,7 @@ from test_stats import MARGINS, make_problem
 
 import gcl_ops
 from gcl_ops import contrastive, ops
+from gcl_ops._triton import triton
 from gcl_ops.reference import naive_gcl_stats
 
 # ------------------------------------------------------------------------------------------
@@ -346,18 +347,24 @@ def test_scale_gradient_at_large_logits() -> None:
 
 class _RecordingAutotuner:
     """Stands in for ``triton.autotune`` of a kernel (the interpreter times nothing): records the
-    problem size of each launch and launches the default tiles."""
+    problem size of each launch and launches the default tiles, or ``tiles`` as its choice
+    (``best_config``, as triton's autotuner keeps it)."""
 
-    def __init__(self, which: str, calls: list):
+    def __init__(self, which: str, calls: list, tiles: dict | None = None):
         backward = which == "backward"
         self.kernel = ops._stats_bwd_kernel if backward else ops._stats_fwd_kernel
-        self.which, self.calls, self.backward = which, calls, backward
+        self.which, self.calls, self.backward, self.tiles = which, calls, backward, tiles
+        self.best_config = None
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             named = dict(zip(self.kernel.arg_names, args))
             self.calls.append((self.which, named["n_rows"], named["n_cols"]))
-            tiles = ops._tile_sizes(ops._k_pad(named["k"]), 4, self.backward)
+            tiles = self.tiles or ops._tile_sizes(ops._k_pad(named["k"]), 4, self.backward)
+            options = {name: tiles[name] for name in ("num_warps", "num_stages") if name in tiles}
+            self.best_config = triton.Config(
+                {name: v for name, v in tiles.items() if name not in options}, **options
+            )
             return self.kernel[grid](*args, **kwargs, **tiles)
 
         return launch
@@ -406,3 +413,47 @@ def test_large_problems_are_tuned_on_their_leading_block(monkeypatch) -> None:
     with_parts = ops._triton_stats_backward(*arguments, row_parts=row_parts, col_parts=col_parts)
     for a, b in zip(without_parts, with_parts):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="replaces the autotuner, as on the interpreter")
+def test_launches_during_graph_capture_reuse_the_autotuners_tiles(monkeypatch) -> None:
+    # Nothing is timed while a CUDA graph is captured; the launches then take the tiles the
+    # autotuner chose for the same problem before (the warm-up steps), whose kernel is compiled
+    # and loaded already, not the defaults, which would compile inside the capture.
+    chosen = {
+        "forward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+        "backward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, K_SLICE=16, RESIDENT=False,
+                         num_warps=4, num_stages=2),
+    }  # fmt: skip
+    autotuners = {which: _RecordingAutotuner(which, [], tiles) for which, tiles in chosen.items()}
+    launches = {"forward": _CountingKernel(ops._stats_fwd_kernel),
+                "backward": _CountingKernel(ops._stats_bwd_kernel)}  # fmt: skip
+    monkeypatch.setattr(ops, "_stats_fwd_kernel", launches["forward"])
+    monkeypatch.setattr(ops, "_stats_bwd_kernel", launches["backward"])
+    monkeypatch.setattr(ops, "_autotuned", autotuners.__getitem__)
+    monkeypatch.setattr(ops, "_CHOSEN_TILES", {})
+    query, doc, ids = make_problem(30, 45, 24, 7, with_ids=True, seed=4)
+
+    def stats_and_grads():
+        q, d = query.float().requires_grad_(), doc.float().requires_grad_()
+        t = torch.tensor(20.0, requires_grad=True)
+        stats = gcl_ops.contrastive.gcl_stats(q, d, t, offset=7, impl="triton", **ids)
+        loss = (torch.cat(stats) * torch.linspace(-1.0, 1.0, 105)).sum()
+        return [*stats, *torch.autograd.grad(loss, (q, d, t))]
+
+    monkeypatch.setattr(ops, "_autotuning", lambda: True)
+    tuned = stats_and_grads()  # the warm-up: the autotuner chooses
+    assert all(not counter.launches for counter in launches.values())
+    monkeypatch.setattr(ops, "_autotuning", lambda: False)
+    for capturing in (True, False):
+        monkeypatch.setattr(ops, "_capturing", lambda capturing=capturing: capturing)
+        got = stats_and_grads()
+        for which, counter in launches.items():
+            (launch,) = counter.launches
+            counter.launches.clear()
+            k_pad = ops._k_pad(24)
+            want = chosen[which] if capturing else ops._tile_sizes(k_pad, 4, which == "backward")
+            assert {name: launch[name] for name in want} == want, (which, capturing)
+        if capturing:  # the same tiles as the warm-up: the same arithmetic
+            for g, w in zip(got, tuned):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
