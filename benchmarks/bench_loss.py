@@ -107,9 +107,17 @@ def measure(name: str, fn: Callable, n: int, k: int, dtype: torch.dtype, device:
             row.update(ms=round(median, 4), ms_p20=round(low, 4), ms_p80=round(high, 4),
                        tflops=round(flops / median / 1e9, 2),
                        peak_mib=None if peak is None else round(peak, 1), status="ok")  # fmt: skip
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            # Out of memory also comes as cuBLAS' ALLOC_FAILED or from a compiled graph; any
+            # other failure is recorded too (and printed), so that one provider's failure at
+            # a size does not end the run.
+            message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            oom = isinstance(error, torch.cuda.OutOfMemoryError) or any(
+                text in message for text in ("out of memory", "ALLOC_FAILED")
+            )
+            status = "out of memory" if oom else f"failed: {type(error).__name__}: {message}"
             row.update(ms=math.nan, ms_p20=math.nan, ms_p80=math.nan, tflops=math.nan,
-                       peak_mib=None, status="out of memory")  # fmt: skip
+                       peak_mib=None, status=status)  # fmt: skip
         finally:
             state.clear()
             query.grad = doc.grad = scale.grad = None
@@ -148,16 +156,15 @@ def main() -> None:
     print(f"{info['device']} | torch {info['torch']} | triton {info['triton']} | {info['date']}")
     print(f"{'provider':>14} {'mode':>8} {'N':>7} {'ms':>10} {'TFLOP/s':>8} {'peak MiB':>9}")
     for n in args.n:
-        rows = []
         for name, fn in chosen.items():
-            for row in measure(name, fn, n, args.k, dtype, device, args.repeats):
-                rows.append({**row, **info})
+            rows = measure(name, fn, n, args.k, dtype, device, args.repeats)
+            for row in rows:
                 peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
                 status = "" if row["status"] == "ok" else row["status"]
                 print(f"{name:>14} {row['mode']:>8} {n:>7} {row['ms']:>10.2f} "
                       f"{row['tflops']:>8.2f} {peak:>9} {status}")  # fmt: skip
-        if not args.no_save:
-            append_rows(out, rows)
+            if not args.no_save:  # (per provider: a later failure keeps what was measured)
+                append_rows(out, [{**row, **info} for row in rows])
     if not args.no_save:
         print(f"appended to {out}")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_workers import TwoTowers, ddp_cached_step_worker, global_batch, loss_worker, run
+from params import DEVICE
 
 import gcl_ops
 from gcl_ops import distributed
@@ -71,8 +72,10 @@ def test_multi_field_distributed(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_triton_kernels_distributed(tmp_path) -> None:
-    # The rectangular kernel with an offset (under the interpreter without a GPU), 2 ranks.
+def test_triton_kernels_distributed(tmp_path, monkeypatch) -> None:
+    # The rectangular kernel with an offset, 2 ranks on gloo (CPU tensors), so under the
+    # interpreter, which the workers take from the environment (a GPU machine has it unset).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     world, n_local = 2, 9
     ranks = run(
         loss_worker,
@@ -138,13 +141,17 @@ def simulated_ranks(monkeypatch, world: int, n_local: int, reduction: str, impl:
     they return (the other ranks' documents, ids and partial column statistics, computed from
     the same leaves, so gradients flow to their owners as the collectives' backward sends them).
     Returns the ranks' losses and, per leaf, the sum over ranks of its gradient (what DDP's
-    all-reduce adds up before dividing by ``W``)."""
+    all-reduce adds up before dividing by ``W``), on the CPU. The Triton path runs on
+    ``DEVICE`` (the interpreter without a GPU)."""
     tensors, weights, query_ids, doc_ids, upstream = global_batch(world, n_local)
-    dtype = torch.float32 if impl == "triton" else torch.float64
+    dtype, device = (torch.float32, DEVICE) if impl == "triton" else (torch.float64, "cpu")
+    weights, query_ids, doc_ids, upstream = (
+        x.to(device) for x in (weights, query_ids, doc_ids, upstream)
+    )
     rows = [slice(r * n_local, (r + 1) * n_local) for r in range(world)]
-    queries = [tensors[0][s].to(dtype).requires_grad_() for s in rows]
-    docs = [tensors[1][s].to(dtype).requires_grad_() for s in rows]
-    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    queries = [tensors[0][s].to(device, dtype).requires_grad_() for s in rows]
+    docs = [tensors[1][s].to(device, dtype).requires_grad_() for s in rows]
+    scale = torch.tensor(7.0, dtype=torch.float64, device=device, requires_grad=True)
     qid_parts, did_parts = [query_ids[s] for s in rows], [doc_ids[s] for s in rows]
     all_docs = torch.cat(docs)
     partials = [
@@ -193,7 +200,8 @@ def simulated_ranks(monkeypatch, world: int, n_local: int, reduction: str, impl:
             else total + loss
         )
     leaves = [*queries, *docs, scale]
-    grads = torch.autograd.grad(total, leaves)
+    grads = [g.cpu() for g in torch.autograd.grad(total, leaves)]
+    losses = [loss.cpu() for loss in losses]
     return losses, [torch.cat(grads[:world]), torch.cat(grads[world : 2 * world])], grads[-1]
 
 

@@ -36,7 +36,8 @@ def _loss_and_grads(query, doc, weights, ids, dtype, impl):
 
 @pytest.mark.parametrize("n", [4096, 65536])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_large_batches_match_the_pytorch_path(n: int, dtype: torch.dtype) -> None:
+def test_large_batches_match_the_pytorch_path(n: int, dtype: torch.dtype, monkeypatch) -> None:
+    monkeypatch.setenv("GCL_OPS_AUTOTUNE", "1")  # as users run it: the autotuner picks the tiles
     query, doc, weights, ids = _batch(n, 512)
     # The reference sees the same rounded inputs, in fp32.
     want = _loss_and_grads(query.to(dtype).float(), doc.to(dtype).float(), weights, ids,

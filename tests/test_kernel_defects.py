@@ -295,6 +295,7 @@ class _CountingKernel:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("frozen", ["doc", "query"])
 def test_frozen_tower_gets_no_gradient_pass(impl, frozen, monkeypatch) -> None:
+    monkeypatch.setenv("GCL_OPS_AUTOTUNE", "0")  # (on a GPU the autotuner launches its own)
     counter = _CountingKernel(ops._stats_bwd_kernel)
     monkeypatch.setattr(ops, "_stats_bwd_kernel", counter)
     query, doc, ids = make_problem(30, 30, 24, 0, with_ids=True, seed=5)

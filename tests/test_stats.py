@@ -392,10 +392,21 @@ def test_logits_form_large_logits(n, max_logit, with_ids, seed) -> None:
 
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    # The launchers take ``_tile_sizes``' tiles (which a test may patch), not the autotuner's.
+    """The launchers take the GPU's default tiles (``_tile_sizes``), not the autotuner's, also
+    under the interpreter. Returns ``use_backward_tiles(tiles)``, which makes the backward launch
+    ``tiles`` instead (the forward keeps its own: a compiled kernel refuses tile arguments it
+    does not have)."""
     monkeypatch.setattr(ops, "_autotuning", lambda: False)
+    default_tiles = ops._tile_sizes
+
+    def use_backward_tiles(tiles: dict) -> None:
+        def tile_sizes(k_pad, element_size, backward, tf32=False):
+            return tiles if backward else default_tiles(k_pad, element_size, backward, tf32)
+
+        monkeypatch.setattr(ops, "_tile_sizes", tile_sizes)
+
     if not ops._INTERPRETING:
-        return  # on a GPU the launchers pick GPU tiles anyway
+        return use_backward_tiles  # on a GPU the launchers pick GPU tiles anyway
     kernel_flags = ops._kernel_flags
 
     def flags(x, tf32=None):
@@ -405,6 +416,7 @@ def gpu_tiles(monkeypatch):
     monkeypatch.setattr(ops, "_INTERPRETING", False)
     # The tile sizes the launchers will now use: the GPU's, not the interpreter's 32 x 32 x 16.
     assert ops._tile_sizes(64, 4, backward=False)["BLOCK_N"] == 128
+    return use_backward_tiles
 
 
 @pytest.mark.parametrize(
@@ -422,12 +434,12 @@ def test_gpu_tile_sizes_on_ragged_problems(gpu_tiles, n, m, k, offset, dtype) ->
 
 
 @pytest.mark.parametrize("candidate", range(3))
-def test_every_autotuned_backward_configuration(gpu_tiles, monkeypatch, candidate) -> None:
+def test_every_autotuned_backward_configuration(gpu_tiles, candidate) -> None:
     # What the autotuner may pick on a GPU for k_pad = 512, bf16: 64 x 64 tiles in k slices of
     # 256 and 128, and 16-query row blocks with the whole width (the transposed dQ^ GEMM).
     candidates = ops._tile_candidates(512, 2, backward=True)
     assert len(candidates) == 3
-    monkeypatch.setattr(ops, "_tile_sizes", lambda *args, **kwargs: candidates[candidate])
+    gpu_tiles(candidates[candidate])
     query, doc, ids = make_problem(70, 70, 300, 0, with_ids=True, seed=candidate)
     check_against_definition("triton", query, doc, 25.0, torch.bfloat16, **ids)
 
@@ -460,7 +472,7 @@ def test_resident_backward(
     scale = 25.0 if normalize else 4.0
     for tiles in candidates:
         assert tiles["RESIDENT"] and tiles["K_SLICE"] == ops._k_pad(k), tiles
-        monkeypatch.setattr(ops, "_tile_sizes", lambda *args, tiles=tiles, **kwargs: tiles)
+        gpu_tiles(tiles)
         check_against_definition(
             "triton", query, doc, scale, dtype, offset=7, normalize=normalize, **ids
         )

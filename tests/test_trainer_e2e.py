@@ -26,7 +26,7 @@ def dataset_dir(tmp_path_factory):
 
 def tiny(dataset_dir, out, **values) -> TrainConfig:
     defaults = dict(steps=6, batch_size=24, chunk_size=10, checkpoint_every=3, warmup_steps=2,
-                    lr=2e-3, progress=False, seed=5)  # fmt: skip
+                    lr=2e-3, progress=False, seed=5, device="cpu")  # fmt: skip
     defaults.update(values)
     return TrainConfig(data=str(dataset_dir), out=str(out), **defaults).validate()
 
