@@ -57,8 +57,9 @@ def _tile_candidates(
     on wgmma. They trade FLOPs against the shape of the wgmma instructions:
 
     * 64 x 64 tiles, slices of 256 (half) or 128 (TF32): the default from k = 256 (half) or
-      128 (TF32) on and below k = 64 (between: 32 x 128, resident, see ``RESIDENT``). 10k (half) or 14k
-      (TF32) FLOPs per N^2 at k = 512, wgmma m64n32 for ``S`` (A and B from shared memory).
+      128 (TF32) on and below k = 64 (between: 32 x 128, resident, see ``RESIDENT``). 10k
+      (half) or 14k (TF32) FLOPs per N^2 at k = 512, wgmma m64n32 for ``S`` (A and B from
+      shared memory).
     * 16-query row blocks with the full width of k = 512 (half): 8k FLOPs per N^2 at k = 512,
       but ``S`` and ``dQ^`` then run as wgmma m64n8 (two warp groups share the 16 columns),
       which read their operands from shared memory at about 3x the bytes per FLOP of m64n32:

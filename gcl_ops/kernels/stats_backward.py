@@ -103,7 +103,7 @@ def _stats_bwd_kernel(
     PRESCALED: tl.constexpr = (RESIDENT and NORMALIZE) and SCALE_OPERANDS
     # dQ^ goes out in chunks of 64 of k (the whole slice where it is narrower or resident): with
     # row blocks below 64 the chunk is the M side of its GEMM (TRANSPOSED_QUERY_GRAD), and wgmma
-    # needs 64 (the launcher's candidates give narrower slices 64-row blocks).
+    # needs 64 (the launcher pairs slices narrower than 64 with 64-row blocks, or FMA tiles).
     QUERY_CHUNK: tl.constexpr = K_SLICE if (K_SLICE < 64 or RESIDENT) else 64
     tl.static_assert(K_SLICE % QUERY_CHUNK == 0)  # (powers of two: the chunks tile the slice)
     TRANSPOSED_QUERY_GRAD: tl.constexpr = BLOCK_M < 64
