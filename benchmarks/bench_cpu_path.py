@@ -1,13 +1,13 @@
 """The blocked PyTorch path (``impl="torch"``) against naive PyTorch on a CPU: forward, backward
-and forward + backward times, and the peak extra resident memory of each (issue 9).
+and forward + backward times, and the peak extra resident memory of each.
 
     python benchmarks/bench_cpu_path.py --n 8192 16384 --k 512 --threads 2 --rounds 5
-    python benchmarks/bench_cpu_path.py --baseline /path/to/old/reference.py   # before/after
+    python benchmarks/bench_cpu_path.py --baseline /path/to/old/blockwise.py   # before/after
 
 The implementations run interleaved, round after round (``--rounds``), so that load from other
 processes on a shared machine hits them alike; the report is the median over rounds (and the
-spread, max/min). ``--baseline`` loads another copy of ``gcl_ops/reference.py`` (say, the one
-before a change, ``git show HEAD:gcl_ops/reference.py > /tmp/old_reference.py``) and runs the
+spread, max/min). ``--baseline`` loads another copy of ``gcl_ops/blockwise.py`` (say, the one
+before a change, ``git show HEAD:gcl_ops/blockwise.py > /tmp/old_blockwise.py``) and runs the
 loss through it as ``torch-baseline``. Memory: a fresh subprocess per implementation reads
 Linux's per-process high-water mark (VmHWM), as ``tests/test_memory.py`` does.
 """
@@ -44,16 +44,16 @@ def _load_reference(path: str):
 
 @contextlib.contextmanager
 def _reference(module):
-    """Run ``gcl_ops``'s PyTorch path through ``module`` (a copy of ``gcl_ops.reference``)."""
+    """Run ``gcl_ops``'s PyTorch path through ``module`` (a copy of ``gcl_ops.blockwise``)."""
     if module is None:
         yield
         return
-    saved = ops.reference
-    ops.reference = module
+    saved = ops.blockwise
+    ops.blockwise = module
     try:
         yield
     finally:
-        ops.reference = saved
+        ops.blockwise = saved
 
 
 def loss_functions(baseline) -> dict[str, Callable]:
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ids", action="store_true", help="with duplicate query ids")
-    parser.add_argument("--baseline", help="another copy of gcl_ops/reference.py to compare")
+    parser.add_argument("--baseline", help="another copy of gcl_ops/blockwise.py to compare")
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

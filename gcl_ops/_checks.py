@@ -5,7 +5,7 @@ weights, zero-norm rows, a non-positive scale) read the data back from the devic
 call's value checks are reduced on the device to a few flags read back together
 (``check_all_values``), so a call costs one synchronisation, and only a failing call pays for
 the detailed message. The public functions run them unless called with ``validate=False`` (and
-skip them while ``torch.compile`` traces, where reading data back would break the graph).
+skip them while ``torch.compile`` traces or a CUDA graph is captured: ``should_validate``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def should_validate(validate: bool) -> bool:
-    return validate and not torch.compiler.is_compiling()
+    """Value checks read data back to the host: not while ``torch.compile`` traces (a graph
+    break) nor while a CUDA graph is captured (CUDA refuses to synchronise inside a capture)."""
+    if not validate or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_choice(value: str, choices: tuple[str, ...], name: str) -> None:

@@ -7,10 +7,10 @@ from typing import Literal
 
 import torch
 
-from gcl_ops import _checks
-from gcl_ops._triton import HAS_TRITON, interpreting
-from gcl_ops.kernels.stats_forward import _stats_fwd_kernel
-from gcl_ops.ops import MAX_TRITON_K  # importing gcl_ops.ops registers torch.ops.gcl_ops.*
+from gcl_ops import _checks, ops  # noqa: F401 (importing gcl_ops.ops registers torch.ops.gcl_ops.*)
+from gcl_ops._triton import HAS_TRITON
+from gcl_ops.launchers import MAX_TRITON_K, allow_tf32, warn_if_slow
+from gcl_ops.tiling import INTERPRETING
 
 Impl = Literal["auto", "triton", "torch"]
 
@@ -96,7 +96,9 @@ def _scale_tensor(
 def resolve_backend(impl: str, x: torch.Tensor, *others: torch.Tensor) -> str:
     """``"triton"`` or ``"torch"`` for ``impl`` and the ``(N, k)`` input ``x`` (with ``others``,
     the inputs it is computed with, whose dtype joins ``x``'s by type promotion); raises with the
-    reason when ``impl="triton"`` cannot run."""
+    reason when ``impl="triton"`` cannot run. ``"auto"`` takes Triton for CUDA tensors except
+    fp32 with IEEE GEMMs (``torch.backends.cuda.matmul.fp32_precision``): the kernels would run
+    those on the FMA units, the PyTorch path runs them on cuBLAS."""
     _checks.check_choice(impl, _checks.IMPLS, "impl")
     if impl == "torch":
         return "torch"
@@ -110,7 +112,7 @@ def resolve_backend(impl: str, x: torch.Tensor, *others: torch.Tensor) -> str:
         problem = f"the Triton kernels take fp32, fp16 or bf16, not {dtype}"
     elif x.shape[-1] > MAX_TRITON_K:
         problem = f"the Triton kernels take k <= {MAX_TRITON_K}, got k = {x.shape[-1]}"
-    elif x.device.type == "cpu" and not interpreting(_stats_fwd_kernel):
+    elif x.device.type == "cpu" and not INTERPRETING:
         problem = (
             "CPU tensors run the Triton kernels only under the interpreter: set "
             "TRITON_INTERPRET=1 in the environment before triton is first imported"
@@ -121,6 +123,11 @@ def resolve_backend(impl: str, x: torch.Tensor, *others: torch.Tensor) -> str:
         raise ValueError(f"impl='triton' cannot run here: {problem}")
     if impl == "auto" and (problem is not None or x.device.type != "cuda"):
         return "torch"
+    if x.device.type == "cuda" and dtype == torch.float32:
+        tf32 = allow_tf32(torch.is_autocast_enabled(x.device.type))
+        if impl == "auto" and not tf32:
+            return "torch"
+        warn_if_slow(x, tf32)
     return "triton"
 
 

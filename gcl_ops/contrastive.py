@@ -62,15 +62,10 @@ from gcl_ops.autograd import (
     per_pair_loss,
     resolve_backend,
 )
+from gcl_ops.blockwise import SHIFT_HEADROOM, TINY_SUM
 from gcl_ops.distributed import distributed_gcl_loss
-from gcl_ops.ops import MAX_TRITON_K
-from gcl_ops.reference import (  # the fixed shift and the underflow threshold: one place
-    SHIFT_HEADROOM,
-    TINY_SUM,
-    Reduction,
-    naive_masked_lse,
-    reduce_loss,
-)
+from gcl_ops.launchers import MAX_TRITON_K
+from gcl_ops.reference import Reduction, naive_masked_lse, reduce_loss
 
 __all__ = [
     "MAX_TRITON_K",

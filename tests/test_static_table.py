@@ -1,8 +1,8 @@
-"""The committed Hopper compile table (``benchmarks/results/static_tiles_sm90.csv``, written by
-``benchmarks/static_tile_check.py``) describes what the launchers launch today, and what it says
-holds: no configuration that can launch spills registers, every half-precision GEMM of the
-embedding form is on wgmma. A change of the tile candidates without regenerating the table
-fails here (regenerate it with ``python benchmarks/static_tile_check.py --out ...``)."""
+"""The committed compile tables (``benchmarks/results/static_tiles_<arch>.csv``, written by
+``benchmarks/static_tile_check.py --write``) describe what the launchers launch today, and what
+they say holds: no launched default spills registers or overflows shared memory, on Hopper every
+tensor-core GEMM is wgmma, and the traffic model favours the default backward strategy. A change
+of the tiles without regenerating the tables fails here."""
 
 from __future__ import annotations
 
@@ -11,73 +11,89 @@ import pathlib
 
 import pytest
 
-from gcl_ops import ops
+from gcl_ops import tiling
 
-TABLE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/results/static_tiles_sm90.csv"
-ELEMENT_SIZES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TILE_COLUMNS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE", "RESIDENT", "num_warps", "num_stages")
-
-
-@pytest.fixture(scope="module")
-def rows() -> list[dict]:
-    with open(TABLE, newline="") as f:
-        return list(csv.DictReader(f))
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks/results"
+ARCHITECTURES = ("sm80", "sm90")
+WIDTHS = {16, 64, 72, 128, 300, 512, 520, 768, 1000, 1024}
+PRECISIONS = {("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "-"), ("fp16", "-")}
 
 
-@pytest.fixture
-def gpu_candidates(monkeypatch):
-    """``ops._tile_candidates`` as it answers on a GPU (not the interpreter's small tiles)."""
-    monkeypatch.setattr(ops, "_INTERPRETING", False)
-    return ops._tile_candidates
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def table(request) -> tuple[str, list[dict]]:
+    with open(RESULTS / f"static_tiles_{request.param}.csv", newline="") as f:
+        return request.param, list(csv.DictReader(f))
 
 
-def test_no_launched_configuration_spills(rows) -> None:
-    assert rows, "the table is empty"
-    spilling = [
-        f"{r['kernel']} {r['dtype']}/{r['precision']} k={r['k']} config={r['config']}: "
-        f"{r['spill_bytes']} bytes"
-        for r in rows
-        if r["error"] or int(r["spill_bytes"] or 0) > 0
-    ]
-    assert not spilling, "\n".join(spilling)
+def _precision(row: dict) -> str:
+    return "half" if row["dtype"] != "fp32" else row["precision"]
 
 
-def test_every_half_precision_gemm_is_wgmma(rows) -> None:
-    embedding = [r for r in rows if r["dtype"] in ("bf16", "fp16") and r["mma"] != "-"]
-    assert {r["kernel"] for r in embedding} == {
-        "_stats_fwd_kernel", "_online_lse_kernel", "_stats_bwd_kernel",
-    }  # fmt: skip
-    for r in embedding:
+def test_the_table_covers_every_width_precision_and_an_odd_batch(table) -> None:
+    arch, rows = table
+    embedding = [r for r in rows if r["k"] != "-"]
+    assert {int(r["k"]) for r in embedding} >= WIDTHS
+    assert {(r["dtype"], r["precision"]) for r in embedding} == PRECISIONS
+    assert {"32768", "1001"} <= {r["n"] for r in rows}  # 1001: no size divisible by 16
+    roles = {r["role"] for r in embedding}
+    assert roles == {"forward", "recompute", "backward docs", "backward queries",
+                     "backward atomic"}, roles  # fmt: skip
+
+
+def test_no_launched_default_spills_or_fails(table) -> None:
+    arch, rows = table
+    bad = [f"{r['kernel']} ({r['role']}) {r['dtype']}/{r['precision']} k={r['k']} n={r['n']}: "
+           f"{r['spill_bytes']} B spilled {r['error']}"
+           for r in rows if r["config"] == "default" and (r["error"] or int(r["spill_bytes"] or 0))]  # fmt: skip
+    assert not bad, "\n".join(bad)
+
+
+def test_every_tensor_core_gemm_on_hopper_is_wgmma(table) -> None:
+    arch, rows = table
+    if arch != "sm90":
+        pytest.skip("wgmma is Hopper's")
+    gemms = [r for r in rows if r["mma"] not in ("-", "") and r["precision"] != "ieee"]
+    assert gemms
+    for r in gemms:
         assert set(r["mma"].split("+")) == {"wgmma"}, r
-        assert int(r["ptx_mma_sync"]) == 0 and int(r["ptx_wgmma"]) > 0, r
 
 
-def test_table_lists_the_current_candidates(rows, gpu_candidates) -> None:
-    # Per kernel, dtype, precision and width: one row per autotuner candidate (for each
-    # NORMALIZE / ids variant), in the order and with the tiles _tile_candidates gives now.
-    for kernel, backward in (("_stats_fwd_kernel", False), ("_stats_bwd_kernel", True)):
-        problems = {(r["dtype"], r["precision"], int(r["k"])) for r in rows
-                    if r["kernel"] == kernel}  # fmt: skip
-        assert len(problems) >= 12, problems  # 4 dtype/precision pairs x several widths
-        for dtype, precision, k in problems:
-            candidates = gpu_candidates(
-                ops._k_pad(k), ELEMENT_SIZES[dtype], backward, precision == "tf32"
-            )
-            listed = [r for r in rows if r["kernel"] == kernel and r["dtype"] == dtype
-                      and r["precision"] == precision and int(r["k"]) == k]  # fmt: skip
-            assert {int(r["config"]) for r in listed} == set(range(len(candidates))), (
-                kernel, dtype, precision, k,
-            )  # fmt: skip
-            for r in listed:
-                want = candidates[int(r["config"])]
-                got = {name: int(r[name]) for name in TILE_COLUMNS if r[name]}
-                assert got == {name: want[name] for name in got}, (kernel, dtype, k, r["config"])
+def test_the_table_lists_todays_tiles(table) -> None:
+    # Every row's tiles are what tiling gives today for its width, precision and strategy.
+    arch, rows = table
+    for r in rows:
+        if r["config"] != "default" or r["k"] == "-":
+            continue
+        k_pad, precision = tiling.padded_width(int(r["k"])), _precision(r)
+        if r["role"] == "forward":
+            want = tiling.forward_tiles(arch, precision, k_pad)
+            got = dict(BLOCK_M=r["BLOCK_M"], BLOCK_N=r["BLOCK_N"], K_MAIN=r["K_MAIN"])
+            want = dict(BLOCK_M=want["BLOCK_M"], BLOCK_N=want["BLOCK_N"], K_MAIN=want["K_MAIN"])
+        elif r["role"].startswith("backward"):
+            want = tiling.backward_tiles(arch, precision, k_pad, r["strategy"])
+            got = dict(BLOCK_OWN=r["BLOCK_M"], BLOCK_OTHER=r["BLOCK_N"], K_MAIN=r["K_MAIN"],
+                       K_TAIL=r["K_TAIL"], slices=r["slices"])  # fmt: skip
+            want = {name: want[name] for name in got}
+        else:
+            continue
+        assert {name: int(value) for name, value in got.items()} == want, (arch, r)
 
 
-def test_the_8k_backward_is_among_the_candidates(rows) -> None:
-    # At k = 512 in bf16 and fp16, some spill-free backward candidate recomputes S only once:
-    # forward 2k + backward 6k = 8k FLOPs per N^2.
-    for dtype in ("bf16", "fp16"):
-        backward = [r for r in rows if r["kernel"] == "_stats_bwd_kernel" and r["dtype"] == dtype
-                    and r["k"] == "512"]  # fmt: skip
-        assert any(r["flops_per_n2"] == "6k" and r["spill_bytes"] == "0" for r in backward)
+def test_the_model_favours_the_default_strategy(table) -> None:
+    # Estimated forward + backward at N = 32,768 (normalised, no ids), per width, half precision:
+    # the default strategy (split) is never slower by the model than the atomic one.
+    arch, rows = table
+    totals: dict = {}
+    for r in rows:
+        if (r["n"] != "32768" or r["config"] != "default" or r["normalize"] != "True"
+                or r["ids"] != "none" or not r["est_ms_n32768"] or r["dtype"] != "bf16"):  # fmt: skip
+            continue
+        for strategy in tiling.STRATEGIES:
+            if r["strategy"] in ("-", strategy):
+                key = (int(r["k"]), strategy)
+                totals[key] = totals.get(key, 0.0) + float(r["est_ms_n32768"])
+    widths = {k for k, _ in totals}
+    assert widths >= WIDTHS
+    for k in widths:
+        assert totals[k, "split"] <= totals[k, "atomic"], (arch, k, totals[k, "split"],
+                                                           totals[k, "atomic"])  # fmt: skip

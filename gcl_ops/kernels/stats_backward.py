@@ -1,241 +1,222 @@
-"""Backward kernel of the embedding form: both gradients (and ``d t``) in one pass over the
-tiles, FlashAttention-2 style (a program owns a block of columns and the row blocks stream past).
+"""Backward kernel of the embedding form. A program owns a block of vectors of one side ("own":
+the documents, or with the roles swapped the queries) and a slice of ``k``, keeps their gradient
+on chip while the other side streams past, and writes it once (FlashAttention-2's layout):
+
+    dZ_ab  = g_own_a exp(Z_ab - lse_own_a) + g_other_b exp(Z_ab - lse_other_b)   (a negative)
+    dZ_ab  = g_pos_a                                                             (the positive)
+    dOwn^_a += t sum_b dZ_ab other^_b                        (on chip, written once)
+    dOther^_b += t sum_a dZ_ab own^_a                        (OTHER_GRAD: added atomically)
+
+The formula is symmetric in the two sides, so one kernel serves both launches of the atomic-free
+backward (documents own, then queries own; each recomputes ``S``) and the one launch of the
+atomic backward (documents own, the queries' gradient added atomically: one recomputation of
+``S``, ``k / 64`` fp32 atomic adds per entry). Launched by ``gcl_ops.launchers``.
 """
 
 from gcl_ops._triton import tl, triton
 from gcl_ops.kernels.tiles import (
-    CHAINED_DOT,
     LOG2E,
     _cosine_tile,
     _fp16_exponent,
     _power_of_two,
+    _resident_cosines,
+    _resident_operands,
     _row_offsets,
     _tile_masks,
 )
 
 
-@triton.jit(do_not_specialize=["size_bucket"])
+@triton.jit
+def _gradient_gemm(accumulator, operand, other_ptr, other, other_ok, offs_k, k_end,
+                   stride_tn, stride_tk, UPCAST: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """``accumulator += operand @ X[other, offs_k]``, the raw rows of ``X`` (zero from column
+    ``k_end`` on)."""
+    tile = tl.load(other_ptr + _row_offsets(other, offs_k, stride_tn, stride_tk),
+                   mask=other_ok[:, None] & (offs_k < k_end)[None, :], other=0.0)  # fmt: skip
+    if UPCAST:  # the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584)
+        tile = tile.to(tl.float32)
+    return tl.dot(operand, tile, accumulator, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _stats_bwd_kernel(
-    query_ptr, doc_ptr, inv_query_ptr, inv_doc_ptr,  # data
-    row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr,  # ids
-    scalars_ptr,  # t; fp16: also max_i 1/|q_i| and max_i (|g_row_i| + |g_pos_i|)
-    neg_row_ptr, neg_col_ptr,  # (2, N), (2, M): lse / t as hi and lo parts
-    grad_neg_row_ptr, grad_neg_col_ptr, grad_pos_ptr,  # upstream gradients
-    grad_query_ptr, grad_doc_ptr, scale_cols_ptr,  # fp32 outputs, zeroed: (N, k), (M, k), (M,)
-    stride_qn, stride_qk, stride_dn, stride_dk,  # strides of the inputs (outputs: (rows, k))
-    n_rows, n_cols, k, diag_offset,  # sizes
-    size_bucket,  # log2 of n_rows * n_cols, rounded: only a key for the autotuner
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SLICE: tl.constexpr,
-    RESIDENT: tl.constexpr, NORMALIZE: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
-    NEED_QUERY: tl.constexpr, NEED_DOC: tl.constexpr, SCALE_GRAD: tl.constexpr,
+    own_ptr, other_ptr, inv_own_ptr, inv_other_ptr,  # data
+    own_qid_ptr, own_did_ptr, other_qid_ptr, other_did_ptr,  # ids
+    scalars_ptr,  # t; fp16: also max_b 1/|other_b| and max_b |g_other_b|
+    lse_own_ptr, lse_other_ptr,  # (2, n_own), (2, n_other): lse / t as hi + lo (0: no negative)
+    grad_own_lse_ptr, grad_other_lse_ptr, grad_pos_ptr,  # upstream: (n_own,), (n_other,), (n_own,)
+    grad_own_ptr, grad_other_ptr, scale_part_ptr,  # fp32 outputs, zeroed: (n_own, k), (n_other, k), (n_own,)
+    stride_on, stride_ok, stride_tn, stride_tk,  # strides of own and other (outputs: (rows, k))
+    n_own, n_other, k, diag_offset,  # sizes; the positive of own a is other a + diag_offset
+    BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_MAIN: tl.constexpr, K_TAIL: tl.constexpr, RESIDENT: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_QID: tl.constexpr, HAS_DID: tl.constexpr,
+    OTHER_GRAD: tl.constexpr, SCALE_GRAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """The whole backward in one pass over the tiles (FlashAttention-2's layout): program
-    ``(c, r, s)`` owns column block ``c`` (documents) and the ``s``-th ``K_SLICE`` of the
-    embedding width, and visits row blocks ``r, r + R, ...`` (``R = num_programs(1)``). Per tile
-    it recomputes ``S`` (bitwise the forward's), forms ``dS = t dZ`` once and uses it twice:
-
-        dD^_c[:, s] += (dS * 1/|q|)^T Q_r[:, s]    (kept on chip for the whole row loop)
-        dQ^_r[:, s] += (dS * 1/|d|) D_c[:, s]      (added to ``grad_query_ptr`` atomically)
-
-    The tile is held transposed, documents x queries (``S^T``, ``BLOCK_N x BLOCK_M``), so that
-    the documents are the M side (wgmma's 64 rows per warp group) of ``S^T = D_c Q_r^T`` and
-    of ``dD^``, whose register operand ``dS^T`` is then the tile itself. ``dQ^`` is
-    ``dS D_c`` (``dS`` the register operand) for row blocks of 64 and more, and ``D_c^T dS^T``
-    (``k`` on the M side) for narrower ones (``TRANSPOSED_QUERY_GRAD``): 16-query row blocks
-    leave the registers to a ``dD^`` as wide as ``k = 512``. With ``RESIDENT`` (one slice
-    spanning ``k``) ``D_c`` is loaded once for the whole row loop and each ``Q_r`` once for both
-    of its GEMMs; otherwise the gradients load their slice of each again (from L2).
-
-    ``dX^`` is the gradient through the normalised vectors, ``dL/dx^ / |x|``-free: the launcher
-    applies ``dx = (dx^ - x <x, dx^> / |x|^2) / |x|`` (``_through_norm``). ``dD^`` is added
-    atomically too when row blocks are split across programs. With ``SCALE_GRAD`` (and
-    ``s == 0``), ``scale_cols_ptr[j] += sum_i dZ_ij S_ij`` over the negatives (the launcher adds
-    the positives' terms).
-
-    The statistics come as log-sum-exps in cosine units, ``lse / t = hi + lo`` (two fp32 parts:
-    ``neg_row_ptr[i]``, ``neg_row_ptr[n_rows + i]``; 0 where there is no negative)."""
-    pid_c = tl.program_id(0)
-    slice_start = tl.program_id(2) * K_SLICE
-    cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_ok = cols < n_cols
-    scale = tl.load(scalars_ptr).to(tl.float32)
-    neg_col = tl.load(neg_col_ptr + cols, mask=cols_ok, other=0.0)
-    neg_col_lo = tl.load(neg_col_ptr + n_cols + cols, mask=cols_ok, other=0.0)
-    grad_neg_col = tl.load(grad_neg_col_ptr + cols, mask=cols_ok, other=0.0)
-    inv_cols = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+    """Program ``(o, r, s)``: own block ``o``, slice ``s`` of ``k`` (``K_MAIN + K_TAIL`` wide: two
+    power-of-two accumulators, so that ``k = 300`` needs 256 + 64 columns, not 512), and the
+    other side's blocks ``r, r + R, ...`` (``R`` splits; with more than one, the own gradient is
+    added atomically too). Per tile ``S`` is recomputed over all of ``k`` and ``dS = t dZ``
+    formed once. ``RESIDENT`` (one slice): the own block's rows stay on chip for the whole loop
+    and each block of the other side is loaded once, whole, for both its GEMMs (``S`` and the
+    gradient); otherwise ``S`` streams over ``k`` in ``BLOCK_K`` slices and the gradient GEMM
+    loads its slice of the other side again. With ``SCALE_GRAD`` (and ``s == 0``), ``scale_part_ptr[a] += sum_b dZ_ab S_ab``
+    over the negatives (the launcher adds the positives' terms in float64)."""
+    pid_own, pid_split, pid_slice = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    own = pid_own * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    own_ok = own < n_own
+    scale = tl.load(scalars_ptr)
+    exp_scale = scale * LOG2E
+    lse_own = tl.load(lse_own_ptr + own, mask=own_ok, other=0.0)
+    lse_own_lo = tl.load(lse_own_ptr + n_own + own, mask=own_ok, other=0.0)
+    grad_own_lse = tl.load(grad_own_lse_ptr + own, mask=own_ok, other=0.0)
+    grad_pos = tl.load(grad_pos_ptr + own, mask=own_ok, other=0.0)
+    inv_own = tl.full((BLOCK_OWN,), 1.0, dtype=tl.float32)
     if NORMALIZE:
-        inv_cols = tl.load(inv_doc_ptr + cols, mask=cols_ok, other=1.0)
-    # dS enters the two GEMMs in the inputs' precision, like P @ V in attention, scaled by the
-    # other side's 1/|x| (the GEMMs then run on the raw, unnormalised inputs).
-    # fp16: dS_ij ~ t w / N^2 is far below fp16's smallest normal (6e-5) at large N and would
-    # flush to 0 in the cast. Each operand is scaled by a power of two 2^e before the cast and
-    # the fp32 result by 2^-e after (exact). With P <= 1 on negatives (clamped below),
-    #     |dZ_ij| <= G + max_{j in c} |g_col_j|,   G = max_i (|g_row_i| + |g_pos_i|),
-    # times t and the largest 1/|x| on the side that scales the operand bounds it; e puts that
-    # bound in [2^13, 2^14), so nothing passes fp16's 65504 and an entry f times below the bound
-    # keeps fp16's 11 bits down to f = 2^-27 (then subnormals); e is clamped to [-100, 100].
-    # (bf16 has fp32's exponent range and fp32 casts nothing: no scaling.)
-    RESCALE: tl.constexpr = query_ptr.dtype.element_ty == tl.float16
-    col_factor = inv_cols  # of dS for dQ^ = dS' D, per column
-    doc_up = 1.0
-    query_down = 1.0
-    doc_down = 1.0
+        inv_own = tl.load(inv_own_ptr + own, mask=own_ok, other=1.0)
+    dtype = own_ptr.dtype.element_ty
+    # dS enters the gradient GEMMs in the inputs' precision (like P in P @ V), times the other
+    # side's 1/|x|. fp16: dS_ab ~ t w / N^2 flushes to 0 below fp16's smallest normal (6e-5)
+    # at large N, so each operand is scaled by 2^e before the cast and the fp32 result by 2^-e
+    # after (exact); e puts a bound on the operand in [2^13, 2^14) (docs/CONTRACT.md).
+    RESCALE: tl.constexpr = dtype == tl.float16
+    own_up, own_down, other_up, other_down = 1.0, 1.0, 1.0, 1.0
     if RESCALE:
-        grad_bound = scale * (tl.load(scalars_ptr + 2) + tl.max(tl.abs(grad_neg_col), axis=0))
-        query_exponent = _fp16_exponent(
-            grad_bound * tl.max(tl.where(cols_ok, inv_cols, 0.0), axis=0)
+        grad_bound = scale * (
+            tl.max(tl.where(own_ok, tl.abs(grad_own_lse) + tl.abs(grad_pos), 0.0), axis=0)
+            + tl.load(scalars_ptr + 2)
         )
-        doc_exponent = _fp16_exponent(grad_bound * tl.load(scalars_ptr + 1))
-        col_factor = inv_cols * _power_of_two(query_exponent)
-        doc_up = _power_of_two(doc_exponent)
-        query_down = _power_of_two(-query_exponent)
-        doc_down = _power_of_two(-doc_exponent)
+        own_exponent = _fp16_exponent(grad_bound * tl.load(scalars_ptr + 1))
+        other_exponent = _fp16_exponent(grad_bound * tl.max(tl.where(own_ok, inv_own, 0.0), 0))
+        own_up, own_down = _power_of_two(own_exponent), _power_of_two(-own_exponent)
+        other_up, other_down = _power_of_two(other_exponent), _power_of_two(-other_exponent)
 
-    # RESIDENT (one slice as wide as k, chosen by the launcher's tile candidates): D_c is loaded
-    # once, before the row loop, and each Q_r once per row block, each serving both of its
-    # GEMMs (S^T and dQ^; S^T and dD^) from on-chip memory. Otherwise both stream through the
-    # GEMM over k for S^T and their slice is loaded again for the gradients (a resident D_c of
-    # the whole width needs one dQ^ GEMM as wide as k, whose accumulator spills from 256 bytes
-    # per row on). fp32 with normalisation (SCALE_OPERANDS, as in _cosine_tile): the resident
-    # tiles are the normalised D^_c, Q^_r, and the gradients' dS takes no 1/|x| factor.
-    SCALE_OPERANDS: tl.constexpr = query_ptr.dtype.element_ty == tl.float32
-    PRESCALED: tl.constexpr = (RESIDENT and NORMALIZE) and SCALE_OPERANDS
-    # dQ^ goes out in chunks of 64 of k (the whole slice where it is narrower or resident): with
-    # row blocks below 64 the chunk is the M side of its GEMM (TRANSPOSED_QUERY_GRAD), and wgmma
-    # needs 64 (the launcher pairs slices narrower than 64 with 64-row blocks, or FMA tiles).
-    QUERY_CHUNK: tl.constexpr = K_SLICE if (K_SLICE < 64 or RESIDENT) else 64
-    tl.static_assert(K_SLICE % QUERY_CHUNK == 0)  # (powers of two: the chunks tile the slice)
-    TRANSPOSED_QUERY_GRAD: tl.constexpr = BLOCK_M < 64
-    offs_slice = slice_start + tl.arange(0, K_SLICE)
-    slice_ok = offs_slice < k
-    if PRESCALED:
-        col_factor = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
-    if RESIDENT:  # D_c (fp32 normalised: D^_c), all of k, on chip for the whole row loop
-        doc_tile = tl.load(
-            doc_ptr + _row_offsets(cols, offs_slice, stride_dn, stride_dk),
-            mask=cols_ok[:, None] & slice_ok[None, :], other=0.0,
+    # fp32 with normalisation, resident: the operands on chip are the normalised rows, so dS
+    # takes no 1/|x| factor (the streamed gradient GEMMs load raw rows).
+    PRESCALED: tl.constexpr = RESIDENT and NORMALIZE and dtype == tl.float32
+    if RESIDENT:
+        own_main, own_tail = _resident_operands(
+            own_ptr, own, inv_own, stride_on, stride_ok, n_own, k,
+            K_MAIN, K_TAIL, NORMALIZE, INPUT_PRECISION, UPCAST,
         )  # fmt: skip
-        if UPCAST:
-            doc_tile = doc_tile.to(tl.float32)
-        if PRESCALED:
-            doc_tile = doc_tile * inv_cols[:, None]
-    grad_doc_hat = tl.zeros((BLOCK_N, K_SLICE), dtype=tl.float32)
-    scale_cols = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    row_blocks = tl.cdiv(n_rows, BLOCK_M)
-    for visit in range(tl.program_id(1), row_blocks, tl.num_programs(1)):
-        # Each column block starts at another row block: the programs resident at once add to
-        # different rows of dQ^ instead of all contending for the first ones.
-        row_block = (visit + pid_c) % row_blocks
-        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows_ok = rows < n_rows
-        grad_query_rows = grad_query_ptr + tl.cast(row_block * BLOCK_M, tl.int64) * k
-        inv_rows = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    slice_start = pid_slice * (K_MAIN + K_TAIL)
+    offs_main = slice_start + tl.arange(0, K_MAIN)
+    grad_main = tl.zeros((BLOCK_OWN, K_MAIN), dtype=tl.float32)
+    if K_TAIL > 0:
+        offs_tail = slice_start + K_MAIN + tl.arange(0, K_TAIL)
+        grad_tail = tl.zeros((BLOCK_OWN, K_TAIL), dtype=tl.float32)
+    scale_part = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
+    other_blocks = tl.cdiv(n_other, BLOCK_OTHER)
+    for visit in range(pid_split, other_blocks, tl.num_programs(1)):
+        # Each own block starts at another block of the other side: with OTHER_GRAD the programs
+        # resident at once add to different rows instead of contending for the first ones.
+        block = (visit + pid_own) % other_blocks
+        other = block * BLOCK_OTHER + tl.arange(0, BLOCK_OTHER)
+        other_ok = other < n_other
+        inv_other = tl.full((BLOCK_OTHER,), 1.0, dtype=tl.float32)
         if NORMALIZE:
-            inv_rows = tl.load(inv_query_ptr + rows, mask=rows_ok, other=1.0)
-        neg_row = tl.load(neg_row_ptr + rows, mask=rows_ok, other=0.0)
-        neg_row_lo = tl.load(neg_row_ptr + n_rows + rows, mask=rows_ok, other=0.0)
-        grad_neg_row = tl.load(grad_neg_row_ptr + rows, mask=rows_ok, other=0.0)
-        grad_pos = tl.load(grad_pos_ptr + rows, mask=rows_ok, other=0.0)
-        if RESIDENT:  # Q_r (fp32 normalised: Q^_r), all of k, for S^T and dD^
-            query_tile = tl.load(
-                query_ptr + _row_offsets(rows, offs_slice, stride_qn, stride_qk),
-                mask=rows_ok[:, None] & slice_ok[None, :], other=0.0,
+            inv_other = tl.load(inv_other_ptr + other, mask=other_ok, other=1.0)
+        lse_other = tl.load(lse_other_ptr + other, mask=other_ok, other=0.0)
+        lse_other_lo = tl.load(lse_other_ptr + n_other + other, mask=other_ok, other=0.0)
+        grad_other_lse = tl.load(grad_other_lse_ptr + other, mask=other_ok, other=0.0)
+        if RESIDENT:
+            other_main, other_tail = _resident_operands(
+                other_ptr, other, inv_other, stride_tn, stride_tk, n_other, k,
+                K_MAIN, K_TAIL, NORMALIZE, INPUT_PRECISION, UPCAST,
             )  # fmt: skip
-            if UPCAST:
-                query_tile = query_tile.to(tl.float32)
-            if PRESCALED:
-                query_tile = query_tile * inv_rows[:, None]
-        # (documents as the tile's rows: S^T, bitwise the forward's S)
-        if RESIDENT and CHAINED_DOT:
-            # One GEMM over all of k: on the GPU the same k16 (TF32: k8; FMA: k1) steps into
-            # one accumulator, in the same order, as _cosine_tile's loop over BLOCK_K slices.
-            cosines = tl.dot(doc_tile, tl.trans(query_tile), input_precision=INPUT_PRECISION)
-            if NORMALIZE and not SCALE_OPERANDS:
-                cosines = cosines * (inv_cols[:, None] * inv_rows[None, :])
-        else:  # (the interpreter's numpy GEMM rounds a K-wide dot otherwise: slices, as there)
+            cosines = _resident_cosines(own_main, own_tail, other_main, other_tail, inv_own,
+                                        inv_other, K_TAIL, NORMALIZE, dtype != tl.float32,
+                                        INPUT_PRECISION)  # fmt: skip
+        else:
             cosines = _cosine_tile(
-                doc_ptr, query_ptr, cols, rows, inv_cols, inv_rows,
-                stride_dn, stride_dk, stride_qn, stride_qk, n_cols, n_rows, k,
-                BLOCK_N, BLOCK_M, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
+                own_ptr, other_ptr, own, other, inv_own, inv_other,
+                stride_on, stride_ok, stride_tn, stride_tk, n_own, n_other, k,
+                BLOCK_OWN, BLOCK_OTHER, BLOCK_K, NORMALIZE, INPUT_PRECISION, UPCAST,
             )  # fmt: skip
-        # (query i is the positive of document j = i + diag_offset)
         negative, positive = _tile_masks(
-            cols, rows, n_cols, n_rows, -diag_offset,
-            col_qid_ptr, col_did_ptr, row_qid_ptr, row_did_ptr, HAS_QID, HAS_DID,
+            own, other, n_own, n_other, diag_offset,
+            own_qid_ptr, own_did_ptr, other_qid_ptr, other_did_ptr, HAS_QID, HAS_DID,
         )  # fmt: skip
-        # dZ = g_row_i P_row + g_col_j P_col on negatives, g_pos_i on the positive, else 0, with
-        # P = exp(Z - lse) = exp2((S - hi - lo) t log2(e)). In cosine units S - hi is exact
-        # where it matters (P not negligible: S near hi, Sterbenz) and every later rounding is
-        # relative to the small difference; Z = S t and an fp32 lse would each be off by up to
-        # ulp(|Z|) / 2 (1.5e-5 at |Z| ~ 300), relative errors in P that d t = sum dZ S sums up.
-        # On negatives Z <= lse, so P <= 1; the clamp only keeps the discarded entries finite.
-        row_gap = (cosines - neg_row[None, :]) - neg_row_lo[None, :]
-        col_gap = (cosines - neg_col[:, None]) - neg_col_lo[:, None]
-        p_row = tl.exp2(tl.minimum(row_gap * scale, 0.0) * LOG2E)
-        p_col = tl.exp2(tl.minimum(col_gap * scale, 0.0) * LOG2E)
+        # P = exp(Z - lse) = exp2((S - hi - lo) t log2(e)), the difference in cosine units
+        # (exact where P is not negligible: S near hi). On negatives Z <= lse up to the rounding
+        # of S, which differs from the forward's by a few ulps (another tile order): the clamp
+        # keeps P <= 1 where a negative is alone in its row or column (docs/CONTRACT.md).
+        own_gap = (cosines - lse_own[:, None]) - lse_own_lo[:, None]
+        other_gap = (cosines - lse_other[None, :]) - lse_other_lo[None, :]
+        p_own = tl.exp2(tl.minimum(own_gap, 0.0) * exp_scale)
+        p_other = tl.exp2(tl.minimum(other_gap, 0.0) * exp_scale)
         grad_logits = tl.where(
-            negative, grad_neg_row[None, :] * p_row + grad_neg_col[:, None] * p_col, 0.0
+            negative, grad_own_lse[:, None] * p_own + grad_other_lse[None, :] * p_other, 0.0
         )
-        grad_logits = tl.where(positive, grad_pos[None, :], grad_logits)
+        grad_logits = tl.where(positive, grad_pos[:, None], grad_logits)
         if SCALE_GRAD:
-            # (the positives' terms are summed by the launcher, in float64)
-            scale_cols += tl.sum(tl.where(positive, 0.0, grad_logits * cosines), axis=1)
-        grad_cosines = grad_logits * scale  # dS^T = t dZ^T
-        if NEED_DOC:  # dD^_c += (dS / |q|)^T Q_r over this program's slice of k
-            row_factor = inv_rows * doc_up if RESCALE else inv_rows
+            scale_part += tl.sum(tl.where(positive, 0.0, grad_logits * cosines), axis=1)
+        grad_cosines = grad_logits * scale  # dS = t dZ
+        # dOwn^ += (dS / |other|) Other over this program's slice of k
+        other_factor = inv_other * own_up
+        if PRESCALED:
+            other_factor = tl.full((BLOCK_OTHER,), 1.0, dtype=tl.float32)
+        operand = (grad_cosines * other_factor[None, :]).to(dtype)
+        if UPCAST:
+            operand = operand.to(tl.float32)
+        if RESIDENT:
+            grad_main = tl.dot(operand, other_main, grad_main, input_precision=INPUT_PRECISION)
+            if K_TAIL > 0:
+                grad_tail = tl.dot(operand, other_tail, grad_tail, input_precision=INPUT_PRECISION)
+        else:
+            grad_main = _gradient_gemm(grad_main, operand, other_ptr, other, other_ok, offs_main,
+                                       k, stride_tn, stride_tk, UPCAST, INPUT_PRECISION)  # fmt: skip
+            if K_TAIL > 0:
+                grad_tail = _gradient_gemm(grad_tail, operand, other_ptr, other, other_ok,
+                                           offs_tail, k, stride_tn, stride_tk, UPCAST,
+                                           INPUT_PRECISION)  # fmt: skip
+        if OTHER_GRAD:  # dOther^ += (dS / |own|)^T Own, atomically
+            own_factor = inv_own * other_up
             if PRESCALED:
-                row_factor = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-            doc_operand = (grad_cosines * row_factor[None, :]).to(query_ptr.dtype.element_ty)
-            if RESIDENT:
-                row_slice = query_tile
-            else:
-                row_slice = tl.load(
-                    query_ptr + _row_offsets(rows, offs_slice, stride_qn, stride_qk),
-                    mask=rows_ok[:, None] & slice_ok[None, :], other=0.0,
-                )  # fmt: skip
-            if UPCAST:  # the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584)
-                doc_operand = doc_operand.to(tl.float32)
-                row_slice = row_slice.to(tl.float32)
-            grad_doc_hat = tl.dot(doc_operand, row_slice, grad_doc_hat,
-                                  input_precision=INPUT_PRECISION)  # fmt: skip
-        if NEED_QUERY:  # dQ^_r += (dS / |d|) D_c, QUERY_CHUNK columns of k at a time, atomically
-            query_operand = (grad_cosines * col_factor[:, None]).to(query_ptr.dtype.element_ty)
+                own_factor = tl.full((BLOCK_OWN,), 1.0, dtype=tl.float32)
+            operand = tl.trans((grad_cosines * own_factor[:, None]).to(dtype))
             if UPCAST:
-                query_operand = query_operand.to(tl.float32)
-            for chunk in range(0, K_SLICE, QUERY_CHUNK):
-                offs_k = slice_start + chunk + tl.arange(0, QUERY_CHUNK)
-                k_ok = offs_k < k
-                if RESIDENT:  # (one chunk: the resident D_c)
-                    col_chunk = doc_tile
-                else:
-                    col_chunk = tl.load(
-                        doc_ptr + _row_offsets(cols, offs_k, stride_dn, stride_dk),
-                        mask=cols_ok[:, None] & k_ok[None, :], other=0.0,
+                operand = operand.to(tl.float32)
+            grad_rows = grad_other_ptr + tl.cast(block * BLOCK_OTHER, tl.int64) * k
+            within = tl.arange(0, BLOCK_OTHER)[:, None] * k
+            if RESIDENT:  # (the block's origin in int64, the offsets within it in int32)
+                offs_k = tl.arange(0, K_MAIN)
+                grad_chunk = tl.dot(operand, own_main, input_precision=INPUT_PRECISION)
+                tl.atomic_add(grad_rows + within + offs_k[None, :], grad_chunk * other_down,
+                              mask=other_ok[:, None] & (offs_k < k)[None, :], sem="relaxed")  # fmt: skip
+                if K_TAIL > 0:
+                    offs_k = K_MAIN + tl.arange(0, K_TAIL)
+                    grad_chunk = tl.dot(operand, own_tail, input_precision=INPUT_PRECISION)
+                    tl.atomic_add(grad_rows + within + offs_k[None, :], grad_chunk * other_down,
+                                  mask=other_ok[:, None] & (offs_k < k)[None, :], sem="relaxed")  # fmt: skip
+            else:  # 64 columns of k at a time (chunks may overhang the slice: masked)
+                slice_end = tl.minimum(slice_start + K_MAIN + K_TAIL, k)
+                for chunk in range(0, K_MAIN + K_TAIL, 64):
+                    offs_k = slice_start + chunk + tl.arange(0, 64)
+                    grad_chunk = _gradient_gemm(
+                        tl.zeros((BLOCK_OTHER, 64), dtype=tl.float32), operand, own_ptr, own,
+                        own_ok, offs_k, slice_end, stride_on, stride_ok, UPCAST, INPUT_PRECISION,
                     )  # fmt: skip
-                if UPCAST:
-                    col_chunk = col_chunk.to(tl.float32)
-                if TRANSPOSED_QUERY_GRAD:  # dQ^T = D_c^T dS'^T: k on the M side
-                    grad_chunk = tl.dot(tl.trans(col_chunk), query_operand,
-                                        input_precision=INPUT_PRECISION)  # fmt: skip
-                    within = tl.arange(0, BLOCK_M)[None, :] * k + offs_k[:, None]
-                    chunk_ok = k_ok[:, None] & rows_ok[None, :]
-                else:  # dQ = dS' D_c: dS' the GEMM's register operand
-                    grad_chunk = tl.dot(tl.trans(query_operand), col_chunk,
-                                        input_precision=INPUT_PRECISION)  # fmt: skip
-                    within = tl.arange(0, BLOCK_M)[:, None] * k + offs_k[None, :]
-                    chunk_ok = rows_ok[:, None] & k_ok[None, :]
-                if RESCALE:
-                    grad_chunk = grad_chunk * query_down
-                # (the row block's origin in int64, the offsets within it in int32)
-                tl.atomic_add(grad_query_rows + within, grad_chunk, mask=chunk_ok, sem="relaxed")
-    if NEED_DOC:
-        if RESCALE:
-            grad_doc_hat = grad_doc_hat * doc_down
-        tl.atomic_add(
-            grad_doc_ptr + _row_offsets(cols, offs_slice, k, 1), grad_doc_hat,
-            mask=cols_ok[:, None] & slice_ok[None, :], sem="relaxed",
-        )  # fmt: skip
+                    tl.atomic_add(grad_rows + within + offs_k[None, :], grad_chunk * other_down,
+                                  mask=other_ok[:, None] & (offs_k < slice_end)[None, :],
+                                  sem="relaxed")  # fmt: skip
+    _write(grad_own_ptr, grad_main * own_down, own, own_ok, offs_main, k)
+    if K_TAIL > 0:
+        _write(grad_own_ptr, grad_tail * own_down, own, own_ok, offs_tail, k)
     if SCALE_GRAD:  # noqa: SIM102 (a compile-time switch, then a runtime test)
-        if slice_start == 0:
-            tl.atomic_add(scale_cols_ptr + cols, scale_cols, mask=cols_ok, sem="relaxed")
+        if pid_slice == 0:
+            tl.atomic_add(scale_part_ptr + own, scale_part, mask=own_ok, sem="relaxed")
+
+
+@triton.jit
+def _write(grad_ptr, values, rows, rows_ok, offs_k, k):
+    """``grad[rows, offs_k] = values`` where one program covers the rows (no split of the other
+    side), else ``+=`` atomically."""
+    pointers = grad_ptr + _row_offsets(rows, offs_k, k, 1)
+    mask = rows_ok[:, None] & (offs_k < k)[None, :]
+    if tl.num_programs(1) == 1:
+        tl.store(pointers, values, mask=mask)
+    else:
+        tl.atomic_add(pointers, values, mask=mask, sem="relaxed")

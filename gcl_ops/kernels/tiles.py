@@ -1,37 +1,56 @@
-"""Shared Triton tile helpers of the GCL kernels: pointers and offsets, the cosine tile
-``S = R^ C^T`` with its negative and positive masks, and the constants the kernels share.
-
-Every ``@triton.jit`` kernel in ``gcl_ops.kernels`` builds on these; nothing here launches.
+"""Shared Triton tile helpers of the GCL kernels: offsets, the cosine tile ``S = R^ C^T`` with its
+negative and positive masks, and the constants the kernels share. Nothing here launches.
 """
 
-from gcl_ops._triton import interpreting, tl, triton
+from gcl_ops._triton import tl, triton
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)), x already a difference
-LN2 = tl.constexpr(0.6931471805599453)
-#: The fp16 backward scales ``dS`` by ``2^e`` before the cast, ``|e|`` at most this: a row block
-#: whose bound on ``|dS|`` is below ``2^(14 - 100)`` (8e-27) is scaled by 2^100 only.
+#: The fp16 backward scales ``dS`` by ``2^e`` before the cast, ``|e|`` at most this.
 MAX_FP16_EXPONENT = tl.constexpr(100)
 
 
 @triton.jit
 def _row_offsets(rows, cols, stride_n, stride_m):
     """Element offsets ``rows_i stride_n + cols_j stride_m`` of a tile: the row part in int64
-    (``rows * stride_n`` passes 2^31 in a large matrix), the column part in int32, which the
-    launchers keep in range (``_fit_int32_offsets``): 64-bit per-element products cost
-    registers the widest tiles do not have."""
+    (``rows * stride_n`` passes 2^31 in a large matrix), the column part in int32 (the launchers
+    keep it in range: ``_fit_int32_offsets``)."""
     return rows.to(tl.int64)[:, None] * stride_n + (cols * stride_m)[None, :]
 
 
 @triton.jit
 def _tile_pointers(ptr, row_start, col_start, stride_n, stride_m,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Pointers to the ``(BLOCK_M, BLOCK_N)`` tile at ``(row_start, col_start)`` of a matrix: the
-    tile's origin ``row_start stride_n + col_start stride_m`` in int64 (a transposed ``(N, N)``
-    matrix has ``stride_m = N``, and ``col_start N`` passes 2^31 from N = 46,341), the offsets
-    within the tile in int32, which the launchers keep in range (``_fit_int32_offsets``)."""
+    """Pointers to the ``(BLOCK_M, BLOCK_N)`` tile at ``(row_start, col_start)``: the origin in
+    int64 (a transposed ``(N, N)`` matrix has ``stride_m = N``), the offsets within in int32."""
     origin = ptr + tl.cast(row_start, tl.int64) * stride_n + tl.cast(col_start, tl.int64) * stride_m
     within = tl.arange(0, BLOCK_M)[:, None] * stride_n + tl.arange(0, BLOCK_N)[None, :] * stride_m
     return origin + within
+
+
+@triton.jit
+def _round_to_tf32(x):
+    """``x`` rounded to the nearest TF32 value (10 mantissa bits, ties away from zero), as an fp32.
+
+    A TF32 GEMM rounds or truncates its fp32 operands depending on where the operand comes from
+    (registers or shared memory) and on the architecture. Operands that already are TF32 values
+    make every GEMM of every kernel see the same numbers: their products are exact in fp32."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = ~0x1FFF
+
+
+@triton.jit
+def _operand(x, inv_norms, SCALE: tl.constexpr, UPCAST: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """A loaded ``(rows, k)`` tile as a GEMM operand: fp32 tiles scaled by their rows' ``1/|x|``
+    (with ``SCALE``) and rounded to TF32 (for TF32 GEMMs); bf16 upcast under the interpreter,
+    which cannot ``tl.dot`` bf16 operands (triton-lang/triton#11584)."""
+    if UPCAST:
+        x = x.to(tl.float32)
+    if SCALE:
+        x = x * inv_norms[:, None]
+    if INPUT_PRECISION == "tf32":
+        x = _round_to_tf32(x)
+    return x
 
 
 @triton.jit
@@ -41,27 +60,15 @@ def _cosine_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """``S = R^ C^T`` for one tile: a tensor-core GEMM over ``k`` in ``BLOCK_K`` slices with an fp32
-    accumulator. fp32 operands are normalised before the GEMM (each slice times its rows' and
-    columns' ``1/|x|``), half operands after it (``* (1/|r_i| 1/|c_j|)``). Offsets as in
-    ``_row_offsets``: rows in int64, ``k`` in int32.
-
-    Either way ``S_ij`` comes out bitwise the same with rows and columns swapped. The column
-    statistics are computed with documents as rows (_online_lse_kernel, backward), and
-    P = exp(Z - lse) is exact only where lse saw the very Z the backward recomputes (a column
-    with one negative has lse = Z and P = 1; a one-ulp mismatch in S costs t ulp(S) in P, ~1e-5
-    at t = 175, times t again in the gradient). Normalising first: ``x_k (1/|x|)`` is the same
-    product from either side. After the GEMM: the product of the inverse norms first, which is
-    commutative."""
+    """``S = R^ C^T`` for one tile: a GEMM over ``k`` in ``BLOCK_K`` slices, fp32 accumulator.
+    fp32 operands are normalised before the GEMM (the naive rounding of a dot of unit vectors:
+    scaling after it would add one rounding of ``|r||c| S``, noise of ``t ulp(S)`` in ``Z`` that
+    d t sums up), half operands after it (normalised, they would be rounded to half again)."""
     row_offsets = rows.to(tl.int64)[:, None] * stride_rn
     col_offsets = cols.to(tl.int64)[:, None] * stride_cn
     rows_ok = (rows < n_rows)[:, None]
     cols_ok = (cols < n_cols)[:, None]
-    # fp32: S = sum_k r^_k c^_k rounds like a dot of normalised vectors (the naive computation),
-    # where scaling after the GEMM would add one rounding of |r||c| S to every entry: noise of
-    # t ulp(S) in Z at large t, which d t = sum dZ S sums up (2e-6 against 9e-5 at t = 316).
-    # Half operands stay as they are: normalised, they would be rounded to the half type again.
-    SCALE_OPERANDS: tl.constexpr = rows_ptr.dtype.element_ty == tl.float32
+    SCALE_OPERANDS: tl.constexpr = NORMALIZE and rows_ptr.dtype.element_ty == tl.float32
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, k, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
@@ -70,17 +77,52 @@ def _cosine_tile(
                             mask=rows_ok & k_ok, other=0.0)  # fmt: skip
         col_slice = tl.load(cols_ptr + col_offsets + offs_k[None, :] * stride_ck,
                             mask=cols_ok & k_ok, other=0.0)  # fmt: skip
-        if UPCAST:  # the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584)
-            row_slice = row_slice.to(tl.float32)
-            col_slice = col_slice.to(tl.float32)
-        if NORMALIZE and SCALE_OPERANDS:
-            row_slice = row_slice * inv_rows[:, None]
-            col_slice = col_slice * inv_cols[:, None]
+        row_slice = _operand(row_slice, inv_rows, SCALE_OPERANDS, UPCAST, INPUT_PRECISION)
+        col_slice = _operand(col_slice, inv_cols, SCALE_OPERANDS, UPCAST, INPUT_PRECISION)
         accumulator = tl.dot(row_slice, tl.trans(col_slice), accumulator,
                              input_precision=INPUT_PRECISION)  # fmt: skip
     if NORMALIZE and not SCALE_OPERANDS:
         accumulator = accumulator * (inv_rows[:, None] * inv_cols[None, :])
     return accumulator
+
+
+@triton.jit
+def _load_rows(ptr, rows, n_rows, start, stride_n, stride_k, k_end, WIDTH: tl.constexpr):
+    """``x[rows, start : start + WIDTH]`` of a matrix, zero beyond ``n_rows`` and ``k_end``."""
+    offs = start + tl.arange(0, WIDTH)
+    return tl.load(ptr + _row_offsets(rows, offs, stride_n, stride_k),
+                   mask=(rows < n_rows)[:, None] & (offs < k_end)[None, :], other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _resident_operands(ptr, rows, inv_norms, stride_n, stride_k, n_rows, k,
+                       K_MAIN: tl.constexpr, K_TAIL: tl.constexpr, NORMALIZE: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """A block of rows as GEMM operands over all of ``k``: ``(main, tail)``, the first ``K_MAIN``
+    columns and the next ``K_TAIL`` (``main`` again where ``K_TAIL`` is 0), as ``_operand``
+    prepares them (fp32: normalised and TF32-rounded as the GEMM needs)."""
+    scale: tl.constexpr = NORMALIZE and ptr.dtype.element_ty == tl.float32
+    main = _load_rows(ptr, rows, n_rows, 0, stride_n, stride_k, k, K_MAIN)
+    main = _operand(main, inv_norms, scale, UPCAST, INPUT_PRECISION)
+    tail = main
+    if K_TAIL > 0:
+        tail = _load_rows(ptr, rows, n_rows, K_MAIN, stride_n, stride_k, k, K_TAIL)
+        tail = _operand(tail, inv_norms, scale, UPCAST, INPUT_PRECISION)
+    return main, tail
+
+
+@triton.jit
+def _resident_cosines(row_main, row_tail, col_main, col_tail, inv_rows, inv_cols,
+                      K_TAIL: tl.constexpr, NORMALIZE: tl.constexpr, HALF: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """``S = R^ C^T`` from operands on chip (``_resident_operands``): one GEMM over ``K_MAIN``
+    columns, one over the tail; half operands are normalised after the GEMMs."""
+    cosines = tl.dot(row_main, tl.trans(col_main), input_precision=INPUT_PRECISION)
+    if K_TAIL > 0:
+        cosines = tl.dot(row_tail, tl.trans(col_tail), cosines, input_precision=INPUT_PRECISION)
+    if NORMALIZE and HALF:
+        cosines = cosines * (inv_rows[:, None] * inv_cols[None, :])
+    return cosines
 
 
 @triton.jit
@@ -95,7 +137,7 @@ def _tile_masks(
     cols_ok = cols < n_cols
     valid = rows_ok[:, None] & cols_ok[None, :]
     is_positive = cols[None, :] == (rows + diag_offset)[:, None]
-    negative = valid & (cols[None, :] != (rows + diag_offset)[:, None])
+    negative = valid & ~is_positive
     if HAS_QID:
         row_qid = tl.load(row_qid_ptr + rows, mask=rows_ok, other=0)
         col_qid = tl.load(col_qid_ptr + cols, mask=cols_ok, other=0)
@@ -131,19 +173,6 @@ def _similarity_tile(
         row_qid_ptr, row_did_ptr, col_qid_ptr, col_did_ptr, HAS_QID, HAS_DID,
     )  # fmt: skip
     return cosines, negative, positive, inv_cols
-
-
-@triton.jit
-def _fma_probe():
-    pass
-
-
-#: Whether ``tl.fma`` is fused (one rounding): on the GPU; the interpreter rounds the product.
-FUSED_FMA = tl.constexpr(not interpreting(_fma_probe))
-#: Whether one ``tl.dot`` over ``K`` columns rounds exactly like a loop of ``tl.dot`` over its
-#: slices into the same accumulator: on the GPU (tensor-core k steps or FMAs in order either
-#: way); the interpreter's numpy GEMM sums a wide product in its own order.
-CHAINED_DOT = tl.constexpr(not interpreting(_fma_probe))
 
 
 @triton.jit

@@ -1,0 +1,201 @@
+"""Tile choice of the Triton kernels: one default per kernel, precision and GPU architecture, read by
+the launchers (``gcl_ops.launchers``). Autotuning is opt-in (``GCL_OPS_AUTOTUNE=1``): it times
+the default against deeper and shallower software pipelines, which no static count can rank.
+
+Every default compiles without register spills for ``k`` from 16 to 1024 (multiples of 16: the
+launchers pad ``k`` with zero columns, which change neither the dot products nor the norms) and
+``N`` not divisible by 16, and on Hopper every half and TF32 GEMM runs on wgmma:
+``benchmarks/static_tile_check.py`` compiles them with ptxas and records the traffic model
+(``benchmarks/results/static_tiles_<arch>.csv``). None has been timed on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gcl_ops._triton import interpreting, triton
+from gcl_ops.kernels.stats_forward import _stats_fwd_kernel
+
+#: Whether the kernels were defined under the Triton interpreter (``TRITON_INTERPRET=1``).
+INTERPRETING = interpreting(_stats_fwd_kernel)
+ARCHITECTURES = ("sm80", "sm90", "sm100")
+PRECISIONS = ("half", "tf32", "ieee")  # bf16 / fp16 operands, fp32 on TF32 or on IEEE FMAs
+STRATEGIES = ("split", "atomic")
+
+#: Per architecture and precision, the forward's streaming tiles ``(BLOCK_M, BLOCK_N, BLOCK_K,
+#: warps, stages)`` (``BLOCK_K`` the widest slice of ``k``) and its resident ones ``(BLOCK_M,
+#: BLOCK_N, warps, stages)``, tried in order: the row block on chip for the whole loop, so that
+#: each column tile is read once (``k e / BLOCK_M`` bytes per entry from L2, not
+#: ``k e (1 / BLOCK_M + 1 / BLOCK_N)``).
+_FORWARD_STREAMING = {
+    ("sm90", "half"): (128, 64, 64, 8, 3),
+    ("sm90", "tf32"): (128, 64, 32, 8, 3),
+    ("sm90", "ieee"): (64, 64, 32, 4, 2),
+    ("sm80", "half"): (128, 128, 32, 8, 3),
+    ("sm80", "tf32"): (128, 64, 32, 8, 3),
+    ("sm80", "ieee"): (64, 64, 32, 4, 2),
+}
+_FORWARD_RESIDENT = {
+    ("sm90", "half"): ((128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)),
+    ("sm90", "tf32"): ((128, 32, 8, 2), (64, 32, 4, 2)),
+    ("sm80", "half"): ((128, 32, 8, 2), (64, 32, 4, 2)),
+    ("sm80", "tf32"): ((64, 32, 4, 2),),
+}
+#: The backward: ``(BLOCK_OWN, BLOCK_OTHER, BLOCK_K, warps, stages, MAIN_CAP, TAIL_CAP)``: one
+#: slice of ``k`` up to ``MAIN_CAP + TAIL_CAP`` columns (a 64 x 576 fp32 accumulator is 144
+#: registers per thread at 8 warps), wider ``k`` in slices of at most ``MAIN_CAP``, each
+#: recomputing ``S``. One slice runs resident where the own block and ``stages`` blocks of the
+#: other side fit in shared memory (``_SHARED``): each block read once for both its GEMMs.
+_BACKWARD = {
+    ("sm90", "half", "split"): (64, 32, 64, 8, 2, 512, 64),
+    ("sm90", "tf32", "split"): (64, 64, 32, 8, 1, 256, 64),
+    ("sm90", "ieee", "split"): (32, 32, 32, 8, 2, 64, 0),
+    ("sm90", "half", "atomic"): (64, 64, 64, 8, 2, 256, 0),
+    ("sm90", "tf32", "atomic"): (64, 64, 32, 8, 2, 128, 0),
+    ("sm80", "half", "split"): (32, 32, 32, 8, 2, 512, 0),
+    ("sm80", "tf32", "split"): (32, 32, 32, 8, 1, 256, 64),
+    ("sm80", "ieee", "split"): (32, 32, 32, 8, 2, 64, 0),
+    ("sm80", "half", "atomic"): (64, 32, 32, 8, 2, 256, 0),
+    ("sm80", "tf32", "atomic"): (64, 32, 32, 8, 2, 128, 0),
+}
+#: Shared memory the resident operands may take per block (H100: 227 KiB per block, A100: 163),
+#: leaving room for the other buffers (the dS operand, layout conversions).
+_SHARED = {"sm90": 200 * 1024, "sm80": 136 * 1024, "interpreter": 1 << 30}
+#: Under the interpreter: small tiles, so that ragged tiles, slices of k (and a tail), split
+#: loops and the atomic paths all run on test-sized problems; resident where k fits one slice.
+_INTERPRETER_FORWARD = (32, 32, 16, 4, 1)
+_INTERPRETER_BACKWARD = (32, 32, 16, 4, 1, 32, 16)
+
+
+def architecture(device: torch.device) -> str:
+    """``"interpreter"``, or the tile table's name for the device's GPU: Blackwell from compute
+    capability 10, Hopper 9, else Ampere's (A100, and the A10 / L4 / RTX class)."""
+    if INTERPRETING or device.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm100" if major >= 10 else "sm90" if major == 9 else "sm80"
+
+
+def precision_class(dtype: torch.dtype, tf32: bool) -> str:
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "tf32" if tf32 else "ieee"
+
+
+def padded_width(k: int) -> int:
+    """``k`` rounded up to a multiple of 16 (what the launchers pad the inputs to)."""
+    return -(-k // 16) * 16
+
+
+def _slice_width(k_pad: int, widest: int) -> int:
+    """The widest of ``widest``, ``widest / 2``, 16 whose multiples cover ``k_pad`` with at most
+    1/8 of padding (k = 304 in slices of 64, 80 in slices of 16)."""
+    for width in (widest, widest // 2, 16):
+        if -(-k_pad // width) * width <= k_pad * 9 // 8:
+            return width
+    return 16
+
+
+def k_parts(width: int, min_tail: int = 16) -> tuple[int, int]:
+    """``(K_MAIN, K_TAIL)``: a width (a multiple of 16) as a power of two and a power-of-two
+    tail of at least ``min_tail`` that together cover it (300 -> 256 + 64, 520 -> 512 + 16)."""
+    main = 1 << (width.bit_length() - 1)
+    return main, 0 if width == main else max(min_tail, triton.next_power_of_2(width - main))
+
+
+def k_slices(k_pad: int, main_cap: int, tail_cap: int, min_tail: int = 16) -> tuple[int, int, int]:
+    """``(K_MAIN, K_TAIL, slices)`` of the backward's accumulators: one slice where ``k_pad <=
+    main_cap + tail_cap``, else the fewest of at most ``main_cap`` columns."""
+    slices = 1 if k_pad <= main_cap + tail_cap else -(-k_pad // main_cap)
+    return (*k_parts(padded_width(-(-k_pad // slices)), min_tail), slices)
+
+
+def _fits(arch: str, precision: str, width: int, resident_rows: int, streamed_rows: int) -> bool:
+    """Whether operands of ``width`` columns for ``resident_rows`` on chip and ``streamed_rows``
+    in flight fit the shared memory of ``_SHARED``. fp32 operands count twice: the loaded tile
+    and its TF32-rounded copy, which the GEMM reads (IEEE fp32 GEMMs run on FMAs: never)."""
+    per_element = {"half": 2, "tf32": 8}.get(precision)
+    if per_element is None or (precision == "tf32" and _known(arch) == "sm80"):
+        return (
+            False  # (TF32 operands on chip spill on Ampere: its mma.sync holds them in registers)
+        )
+    return per_element * width * (resident_rows + streamed_rows) <= _SHARED[_known(arch)]
+
+
+def forward_tiles(arch: str, precision: str, k_pad: int) -> dict:
+    """``BLOCK_M, BLOCK_N, BLOCK_K, K_MAIN, K_TAIL, RESIDENT, num_warps, num_stages`` of
+    ``_stats_fwd_kernel``: the first resident tiles whose row block and pipelined column tiles
+    fit in shared memory, else streaming ones."""
+    main, tail = k_parts(k_pad)
+    if arch == "interpreter":
+        block_m, block_n, widest, warps, stages = _INTERPRETER_FORWARD
+        resident = [(block_m, block_n, warps, stages)]
+    else:
+        block_m, block_n, widest, warps, stages = _FORWARD_STREAMING[_known(arch), precision]
+        resident = _FORWARD_RESIDENT.get((_known(arch), precision), ())
+    tiles = dict(BLOCK_K=_slice_width(k_pad, widest), K_MAIN=main, K_TAIL=tail)
+    for rows, cols, resident_warps, resident_stages in resident:
+        if _fits(arch, precision, main + tail, rows, resident_stages * cols):
+            return dict(tiles, BLOCK_M=rows, BLOCK_N=cols, RESIDENT=True,
+                        num_warps=resident_warps, num_stages=resident_stages)  # fmt: skip
+    return dict(tiles, BLOCK_M=block_m, BLOCK_N=block_n, RESIDENT=False, num_warps=warps,
+                num_stages=stages)  # fmt: skip
+
+
+def recompute_tiles(arch: str, precision: str, k_pad: int) -> dict:
+    """The exact recomputation (``_online_lse_kernel``, rarely run): the forward's streaming
+    tiles at most 64 x 64, 4 warps, 2 stages (128-wide tiles spill there)."""
+    streaming = _INTERPRETER_FORWARD if arch == "interpreter" else _FORWARD_STREAMING[
+        _known(arch), precision]  # fmt: skip
+    block_m, block_n, widest, _, stages = streaming
+    block = 32 if precision == "ieee" else 64
+    return dict(BLOCK_M=min(block_m, block), BLOCK_N=min(block_n, block),
+                BLOCK_K=_slice_width(k_pad, widest), num_warps=4, num_stages=min(stages, 2))  # fmt: skip
+
+
+def backward_tiles(arch: str, precision: str, k_pad: int, strategy: str) -> dict:
+    """``BLOCK_OWN, BLOCK_OTHER, BLOCK_K, K_MAIN, K_TAIL, RESIDENT, num_warps, num_stages`` of
+    ``_stats_bwd_kernel`` for the ``strategy``, and ``slices`` (of ``k``: the grid's third axis)."""
+    if arch == "interpreter":
+        table = _INTERPRETER_BACKWARD
+    else:  # (IEEE fp32 runs the split backward only: its FMA loops gain nothing from atomics)
+        table = _BACKWARD[_known(arch), precision, "split" if precision == "ieee" else strategy]
+    block_own, block_other, widest, warps, stages, main_cap, tail_cap = table
+    # (Ampere: a 16-column tail next to a wide accumulator spills kilobytes, 64 none)
+    main, tail, slices = k_slices(k_pad, main_cap, tail_cap, 64 if _known(arch) == "sm80" else 16)
+    resident = slices == 1 and _fits(arch, precision, main + tail, block_own, stages * block_other)
+    return dict(BLOCK_OWN=block_own, BLOCK_OTHER=block_other,
+                BLOCK_K=_slice_width(k_pad, widest), K_MAIN=main, K_TAIL=tail,
+                RESIDENT=resident, num_warps=warps, num_stages=stages, slices=slices)  # fmt: skip
+
+
+def logits_tiles(arch: str) -> tuple[int, int, int]:
+    """``(forward rows, forward columns, gradient tile)`` of the logits kernels."""
+    return (32, 32, 32) if arch == "interpreter" else (64, 64, 64)
+
+
+def _known(arch: str) -> str:
+    """Blackwell takes Hopper's tiles (same shared memory, wider tensor-core instructions)."""
+    return "sm90" if arch == "sm100" else arch
+
+
+def backward_strategy() -> str:
+    """``GCL_OPS_BACKWARD``: ``"split"`` (default: two atomic-free launches, each side's gradient
+    owned by its programs) or ``"atomic"`` (one launch, the queries' gradient added with fp32
+    atomics); the traffic model favours ``split`` at every width (README, benchmarks)."""
+    strategy = os.environ.get("GCL_OPS_BACKWARD", "split")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"GCL_OPS_BACKWARD must be one of {STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
+def autotuning() -> bool:
+    """``GCL_OPS_AUTOTUNE=1``: launches time the candidates (``candidates``) on the first call
+    of each problem size and keep the fastest. Off under the interpreter (it times nothing)."""
+    return not INTERPRETING and os.environ.get("GCL_OPS_AUTOTUNE", "0") == "1"
+
+
+def candidates(tiles: dict) -> list[dict]:
+    """The autotuner's configurations: ``tiles`` (first) with 2, 3 and 4 pipeline stages."""
+    stages = [tiles["num_stages"]] + [s for s in (2, 3, 4) if s != tiles["num_stages"]]
+    return [dict(tiles, num_stages=s) for s in stages]
