@@ -59,8 +59,9 @@ def measure(model, optimizer, batch: int, device: str, cached: bool, chunk: int,
     """(seconds per step, peak GiB) or None when the batch does not fit."""
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, tuple) else image_size
-    query = torch.randint(0, 49408, (batch, 77), device=device)
-    title = torch.randint(0, 49408, (batch, 77), device=device)
+    context, vocab = model.context_length, model.vocab_size
+    query = torch.randint(0, vocab, (batch, context), device=device)
+    title = torch.randint(0, vocab, (batch, context), device=device)
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     step = make_step(model, optimizer, device, cached, chunk)
     try:
@@ -83,7 +84,7 @@ def measure(model, optimizer, batch: int, device: str, cached: bool, chunk: int,
             torch.cuda.empty_cache()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import open_clip
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,15 +94,28 @@ def main() -> None:
                         help="batch sizes (default: 256, 512, ... until out of memory, to 65536)")  # fmt: skip
     parser.add_argument("--chunk", type=int, default=256, help="rows per encoder call when caching")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no larger batch once they are spent")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="CSV to append to")
     parser.add_argument("--no-save", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.model == "gcl-tiny":  # the reference trainer's small config
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from reference_trainer.model import register_model_configs
+
+        register_model_configs()
     model = open_clip.create_model(args.model, pretrained=None).to(args.device)
+    started = time.perf_counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     info = hardware()
     batches = args.batches or [256 * 2**i for i in range(9)]
     rows = []
     for cached in (False, True):
         for batch in batches:
+            if args.time_budget and time.perf_counter() - started > args.time_budget * (
+                0.5 if not cached else 1.0
+            ):  # (half the budget for each way)
+                break
             result = measure(model, optimizer, batch, args.device, cached, args.chunk, args.repeats)
             row = dict(
                 model=args.model,
@@ -125,7 +139,8 @@ def main() -> None:
             print(f"cached={cached!s:5} batch {batch:6d}: {seconds:.3f} s/step, "
                   f"{seconds / batch * 1e3:.3f} ms/sample{peak_text}")  # fmt: skip
     if not args.no_save:
-        append_rows(RESULTS / f"grad_cache_{'gpu' if args.device == 'cuda' else 'cpu'}.csv", rows)
+        out = args.out or RESULTS / f"grad_cache_{'gpu' if args.device == 'cuda' else 'cpu'}.csv"
+        append_rows(out, rows)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
-"""Throughput and peak memory of the GCL loss: gcl_ops against naive PyTorch, torch.compile of it,
-open_clip's ClipLoss and Inf-CL, for forward, backward and forward + backward.
+"""Throughput and peak memory of the GCL loss: gcl_ops (each backward strategy, and its PyTorch
+path) against naive PyTorch, torch.compile of it, open_clip's ClipLoss, Inf-CL and memeff, for
+forward, backward and forward + backward.
 
     python benchmarks/bench_loss.py --n 4096 16384 32768 65536 --k 512 --dtype bf16
-    python benchmarks/bench_loss.py --quick          # small CPU sizes (the demo)
+    python benchmarks/bench_loss.py --dtype fp32 --tf32        # fp32 inputs, TF32 GEMMs
+    python benchmarks/bench_loss.py --quick                    # small CPU sizes (the demo)
 
-Rows are appended to ``benchmarks/results/loss_<device>.csv`` with the hardware line (device,
-torch and triton versions, date). FLOP/s count 8 N^2 k per forward + backward (2 N^2 k per
-matmul: the forward's and three in the backward: the cost of a design that recomputes
-the similarity tiles in backward).
+Rows are appended to ``benchmarks/results/loss_<device>.csv`` (or ``--out``) with the hardware
+line (device, torch and triton versions, date). FLOP/s count 8 N^2 k per forward + backward
+(the forward's GEMM and three in the backward), whatever a provider really issues. Inf-CL and
+memeff run where they are installed (``scripts/gpu_check.sh --fetch-wheels``) and on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_rows, hardware, peak_memory_mb, time_ms  # noqa: E402
 
 import gcl_ops  # noqa: E402
+from gcl_ops import tiling  # noqa: E402
 from gcl_ops.reference import naive_gcl_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,26 +43,67 @@ def _open_clip_loss() -> Callable | None:
 
 
 def _inf_cl_loss() -> Callable | None:
-    """Inf-CL's tiled loss (one direction per call), when installed and on CUDA."""
+    """Inf-CL's tiled loss (one direction per call; the scale applied outside, so that no
+    process group is needed for its gradient), when installed and on CUDA."""
     if not torch.cuda.is_available():
         return None
     try:
         from inf_cl import cal_inf_loss
     except ImportError:
         return None
-    return lambda q, d, w, t: 0.5 * (cal_inf_loss(q, d, scale=t) + cal_inf_loss(d, q, scale=t))
+    head = 256  # its kernels take widths that are multiples of a power of two up to 256
+
+    def loss(q, d, w, t):
+        width = math.gcd(q.shape[1], head)
+        return 0.5 * (
+            cal_inf_loss(t * q, d, head_dim=width) + cal_inf_loss(t * d, q, head_dim=width)
+        )
+
+    return loss
 
 
-def providers(device: str) -> dict[str, Callable]:
+def _memeff_loss() -> Callable | None:
+    """memeff's CLIP loss (both directions, unit-norm inputs, open_clip's gradients with
+    ``stable=False``; its temperature is a float, so the scale gets no gradient), on CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import memeff
+    except ImportError:
+        return None
+    return lambda q, d, w, t: memeff.MemoryEfficientCLIPLoss(
+        temperature=1.0 / float(t), normalized_inputs=True, stable=False
+    )(q, d)
+
+
+def _gcl_ops(strategy: str | None = None, impl: str = "auto") -> Callable:
+    def loss(q, d, w, t):
+        if strategy is not None:  # (read by the backward too, which runs after this call)
+            os.environ["GCL_OPS_BACKWARD"] = strategy
+        return gcl_ops.gcl_loss(q, d, w, t, normalize=False, validate=False, impl=impl)
+
+    return loss
+
+
+def providers(device: str, compile_backend: str = "inductor") -> dict[str, Callable]:
+    naive = lambda q, d, w, t: naive_gcl_loss(q, d, w, t, normalize=False)  # noqa: E731
     found: dict[str, Callable | None] = {
-        "gcl_ops": lambda q, d, w, t: gcl_ops.gcl_loss(q, d, w, t, normalize=False, validate=False),
-        "naive": lambda q, d, w, t: naive_gcl_loss(q, d, w, t, normalize=False),
-        "torch.compile": torch.compile(
-            lambda q, d, w, t: naive_gcl_loss(q, d, w, t, normalize=False), dynamic=False
-        ) if device == "cuda" else None,
+        "gcl_ops": _gcl_ops("split"),
+        "gcl_ops atomic": _gcl_ops("atomic"),
+        "gcl_ops torch path": _gcl_ops(impl="torch"),
+        "naive": naive,
+        "torch.compile": torch.compile(naive, dynamic=False, backend=compile_backend),
         "open_clip": _open_clip_loss(),
         "inf_cl": _inf_cl_loss(),
-    }  # fmt: skip
+        "memeff": _memeff_loss(),
+    }
+    if device != "cuda":  # the CPU: the fused kernels under the interpreter (the GPU kit's dry run)
+        found["gcl_ops"] = _gcl_ops("split", "triton" if tiling.INTERPRETING else "auto")
+        if not tiling.INTERPRETING:
+            found.pop("gcl_ops atomic")
+            found.pop("gcl_ops torch path")
+        else:
+            found["gcl_ops atomic"] = _gcl_ops("atomic", "triton")
     return {name: fn for name, fn in found.items() if fn is not None}
 
 
@@ -99,7 +144,13 @@ def measure(name: str, fn: Callable, n: int, k: int, dtype: torch.dtype, device:
         ("fwd+bwd", forward_backward, None, forward_backward),
     )
     for mode, run, setup, whole in modes:
-        row = dict(provider=name, mode=mode, n=n, k=k, dtype=str(dtype).replace("torch.", ""))
+        precision = (
+            "tf32"
+            if dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision == "tf32"
+            else ""
+        )
+        row = dict(provider=name, mode=mode, n=n, k=k,
+                   dtype=str(dtype).replace("torch.", "") + (f"/{precision}" if precision else ""))  # fmt: skip
         try:
             median, low, high = time_ms(run, device, repeats=repeats, setup=setup)
             peak = peak_memory_mb(whole, device)
@@ -127,7 +178,7 @@ def measure(name: str, fn: Callable, n: int, k: int, dtype: torch.dtype, device:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     parser.add_argument("--k", type=int, default=512)
@@ -136,16 +187,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true",
                         help="CPU-sized run: N = 1024, 2048, k = 256, fp32, 3 repeats")  # fmt: skip
+    parser.add_argument("--tf32", action="store_true", help="fp32 GEMMs in TF32 (--dtype fp32)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend (the GPU kit's dry run: eager)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="CSV to append to")
     parser.add_argument("--no-save", action="store_true", help="print only, write no CSV")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.n, args.k, args.dtype, args.repeats = [1024, 2048], 256, "fp32", 3
+        args.providers = args.providers or ["gcl_ops", "naive", "open_clip"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     if device == "cpu" and dtype != torch.float32:
         sys.exit("half precision is benchmarked on the GPU only; use --dtype fp32 on the CPU")
-    available = providers(device)
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if args.tf32 else "ieee"
+    available = providers(device, args.compile_backend)
     chosen = {
         name: fn
         for name, fn in available.items()

@@ -177,7 +177,7 @@ def summarize(rows: list[dict]) -> None:
         print(f"ranx warm evaluate    / gcl_ops metrics alone:  {ranx_warm / ours_kernels:6.1f}x")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=100_000)
     parser.add_argument("--depth", type=int, default=100, help="retrieved documents per query")
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--torchmetrics-queries", type=int, default=5000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["ranx", "torchmetrics"])
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     info = hardware()
     print(f"{info['device']} | torch {info['torch']} | {info['date']} | "
           f"{args.queries} queries x {args.depth} results, {args.judged} judged")  # fmt: skip

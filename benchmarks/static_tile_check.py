@@ -114,7 +114,7 @@ class Launch:
     kernel: object  # the JITFunction
     role: str
     arguments: dict  # parameter name -> value, as the launcher passed it
-    options: dict  # launch options (num_warps, num_stages, enable_fp_fusion)
+    options: dict  # launch options (num_warps, num_stages)
     grid: tuple
 
 

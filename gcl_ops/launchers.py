@@ -134,14 +134,12 @@ def _autotuner(kernel, tiles: tuple, zeroed: tuple, key: tuple):
 
 def _launch(kernel, grid, arguments: tuple, flags: dict, tiles: dict, zeroed=(), key=()) -> None:
     """``kernel[grid]`` with the default ``tiles``, or with ``GCL_OPS_AUTOTUNE=1`` through the
-    autotuner (keyed on ``key``, the size arguments). No floating-point contraction: LLVM would
-    otherwise fuse a product into the next addition where one kernel's code allows it and
-    another's does not, and ``S`` would round differently in forward and backward."""
+    autotuner (keyed on ``key``, the size arguments)."""
     if tiling.autotuning():
         autotuner = _autotuner(kernel, tuple(sorted(tiles.items())), tuple(zeroed), tuple(key))
-        autotuner[grid](*arguments, **flags, enable_fp_fusion=False)
+        autotuner[grid](*arguments, **flags)
     else:
-        kernel[grid](*arguments, **flags, **tiles, enable_fp_fusion=False)
+        kernel[grid](*arguments, **flags, **tiles)
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -157,9 +155,9 @@ def _sm_count(device: torch.device) -> int | None:
 
 
 class ForwardStats(NamedTuple):
-    """What ``stats_forward`` computes. ``row_parts`` ``(3, N)``: ``lse / t`` of the rows as an fp32
-    pair ``hi + lo`` and the positive cosines ``S_ii``; ``col_parts`` ``(2, M)``: ``lse / t`` of
-    the columns (for the backward). ``row_sum`` ``(N,)``, ``col_sum`` ``(M,)``: the kernel's
+    """What ``stats_forward`` computes. ``row_parts`` ``(2, N)``: ``lse / t`` of the rows (from
+    float64, 0 where infinite) and the positive cosines ``S_ii``; ``col_parts`` ``(M,)``:
+    ``lse / t`` of the columns (for the backward). ``row_sum`` ``(N,)``, ``col_sum`` ``(M,)``: the kernel's
     sums of ``exp(Z - shift)`` over the negatives, and ``redo_rows``, ``redo_cols``: which of them
     were recomputed exactly (sum below ``TINY_SUM``)."""
 
@@ -226,8 +224,8 @@ def stats_forward(
     _launch(_stats_fwd_kernel, grid, arguments, flags, tiles,
             zeroed=("row_sum_ptr", "col_sum_ptr", "pos_ptr"), key=("n_rows", "n_cols", "k"))  # fmt: skip
     recompute = tiling.recompute_tiles(arch, precision, k)
-    # lse = shift + log(sum) in float64, rounded to fp32 once (the output) and kept as two fp32
-    # parts of lse / t for the backward (docs/CONTRACT.md, numerics).
+    # lse = shift + log(sum) in float64, rounded to fp32 once (the output) and, divided by t,
+    # once more for the backward (docs/CONTRACT.md, numerics).
     shift64 = scale64 * shift_cosine.double()
     results, redone = [], []
     for swap, sums in ((False, row_sum), (True, col_sum)):
@@ -243,7 +241,7 @@ def stats_forward(
             rows, cols, inv_rows, inv_cols, *pointers, scale, redo.to(torch.int8), parts,
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
             rows.shape[0], cols.shape[0], k, -offset if swap else offset,
-            **flags, **recompute, enable_fp_fusion=False,
+            **flags, **recompute,
         )  # fmt: skip
         recomputed = scale64 * parts[0].double() + torch.log(parts[1].double())
         recomputed = torch.where(parts[1] > 0, recomputed, float("-inf"))
@@ -252,16 +250,14 @@ def stats_forward(
         redone.append(redo)
     (neg_row, row_parts), (neg_col, col_parts) = results
     pos = (scale64 * positive_cosines.double()).float()  # Z_ii = t S_ii, rounded once
-    row_parts = torch.cat([row_parts, positive_cosines[None]])
+    row_parts = torch.stack([row_parts, positive_cosines])
     return ForwardStats(neg_row, neg_col, pos, row_parts, col_parts, row_sum, col_sum, *redone)
 
 
 def _lse_parts(lse: torch.Tensor, scale64: torch.Tensor) -> torch.Tensor:
-    """``lse / t`` (0 where ``lse`` is infinite: no negative, nothing reads it) as a ``(2, len)``
-    fp32 pair ``hi + lo``, from float64."""
-    cosine = torch.where(torch.isfinite(lse), lse.double() / scale64, 0.0)
-    hi = cosine.float()
-    return torch.stack([hi, (cosine - hi.double()).float()])
+    """``lse / t`` in fp32 from float64, 0 where ``lse`` is infinite (no negative: nothing
+    reads it)."""
+    return torch.where(torch.isfinite(lse), lse.double() / scale64, 0.0).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,8 +300,8 @@ def stats_backward(
               for x in (query, doc[offset : offset + n]))
         )  # fmt: skip
         row_parts, col_parts = (_lse_parts(lse, scale32.double()) for lse in (neg_row, neg_col))
-        row_parts = torch.cat([row_parts, positive_cosines[None]])
-    positive_cosines = row_parts[2]
+        row_parts = torch.stack([row_parts, positive_cosines])
+    positive_cosines = row_parts[1]
     inv_query = _inverse_norms(query_padded, normalize)
     inv_doc = _inverse_norms(doc_padded, normalize)
     grad_neg_row, grad_neg_col, grad_pos = (
@@ -326,7 +322,7 @@ def stats_backward(
     grad_query_hat = torch.zeros(n if need_query else 0, k_pad, **f32)
     grad_doc_hat = torch.zeros(m if need_doc else 0, k_pad, **f32)
     flags = dict(NORMALIZE=normalize, **kernel_flags(query, tf32))
-    row_lse, col_lse = row_parts[:2].contiguous(), col_parts.contiguous()
+    row_lse, col_lse = row_parts[0].contiguous(), col_parts.contiguous()
     # (own side, its inverse norms, lse parts, g_lse, g_pos, gradient, swap) per side
     documents = (doc_padded, inv_doc, col_lse, grad_neg_col, grad_pos_of_docs, grad_doc_hat, True)
     queries = (query_padded, inv_query, row_lse, grad_neg_row, grad_pos, grad_query_hat, False)

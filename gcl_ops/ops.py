@@ -28,10 +28,10 @@ def _gcl_stats_op(
     backend: str,
     autocast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward,
-    the log-sum-exps more precisely than fp32 holds them near |Z| = 64: the Triton path's
-    ``lse / t`` in two fp32 parts, ``(2, M)`` for the columns, and for the rows ``(3, N)`` with
-    the positive cosines as a third row; the PyTorch path's in float64, ``(N,)`` and ``(M,)``.
+    """``(neg_row, neg_col, pos, row_parts, col_parts)``: the last two only for the backward:
+    the Triton path's ``lse / t`` of the rows with the positive cosines ``(2, N)`` and of the
+    columns ``(M,)``, in fp32; the PyTorch path's log-sum-exps in float64, ``(N,)`` and
+    ``(M,)`` (near |Z| = 64 an fp32 one is rounded by up to 4e-6).
     ``autocast``: the caller ran under autocast (the Triton path's fp32 GEMMs then use TF32)."""
     # Autocast stays outside: the statistics are computed in fp32 from the inputs as they are.
     with torch.autocast(query.device.type, enabled=False), on_device(query):
@@ -54,8 +54,8 @@ def _(query, doc, scale, query_ids, doc_ids, offset, normalize, backend, autocas
         query.new_empty(n, dtype=dtype),
         query.new_empty(m, dtype=dtype),
         query.new_empty(n, dtype=dtype),
-        query.new_empty((3, n) if triton_path else (n,), dtype=parts_dtype),
-        query.new_empty((2, m) if triton_path else (m,), dtype=parts_dtype),
+        query.new_empty((2, n) if triton_path else (n,), dtype=parts_dtype),
+        query.new_empty((m,), dtype=parts_dtype),
     )
 
 

@@ -33,8 +33,8 @@ _FORWARD_STREAMING = {
     ("sm90", "half"): (128, 64, 64, 8, 3),
     ("sm90", "tf32"): (128, 64, 32, 8, 3),
     ("sm90", "ieee"): (64, 64, 32, 4, 2),
-    ("sm80", "half"): (128, 128, 32, 8, 3),
-    ("sm80", "tf32"): (128, 64, 32, 8, 3),
+    ("sm80", "half"): (128, 64, 32, 8, 3),
+    ("sm80", "tf32"): (64, 64, 32, 8, 3),
     ("sm80", "ieee"): (64, 64, 32, 4, 2),
 }
 _FORWARD_RESIDENT = {
@@ -50,14 +50,14 @@ _FORWARD_RESIDENT = {
 #: other side fit in shared memory (``_SHARED``): each block read once for both its GEMMs.
 _BACKWARD = {
     ("sm90", "half", "split"): (64, 32, 64, 8, 2, 512, 64),
-    ("sm90", "tf32", "split"): (64, 64, 32, 8, 1, 256, 64),
-    ("sm90", "ieee", "split"): (32, 32, 32, 8, 2, 64, 0),
+    ("sm90", "tf32", "split"): (64, 32, 32, 8, 1, 256, 64),
+    ("sm90", "ieee", "split"): (32, 64, 32, 8, 2, 64, 0),
     ("sm90", "half", "atomic"): (64, 64, 64, 8, 2, 256, 0),
     ("sm90", "tf32", "atomic"): (64, 64, 32, 8, 2, 128, 0),
-    ("sm80", "half", "split"): (32, 32, 32, 8, 2, 512, 0),
+    ("sm80", "half", "split"): (32, 32, 32, 8, 1, 512, 0),
     ("sm80", "tf32", "split"): (32, 32, 32, 8, 1, 256, 64),
     ("sm80", "ieee", "split"): (32, 32, 32, 8, 2, 64, 0),
-    ("sm80", "half", "atomic"): (64, 32, 32, 8, 2, 256, 0),
+    ("sm80", "half", "atomic"): (32, 32, 32, 8, 2, 256, 0),
     ("sm80", "tf32", "atomic"): (64, 32, 32, 8, 2, 128, 0),
 }
 #: Shared memory the resident operands may take per block (H100: 227 KiB per block, A100: 163),
@@ -149,8 +149,9 @@ def recompute_tiles(arch: str, precision: str, k_pad: int) -> dict:
         _known(arch), precision]  # fmt: skip
     block_m, block_n, widest, _, stages = streaming
     block = 32 if precision == "ieee" else 64
+    warps = 8 if (_known(arch), precision) == ("sm80", "tf32") else 4
     return dict(BLOCK_M=min(block_m, block), BLOCK_N=min(block_n, block),
-                BLOCK_K=_slice_width(k_pad, widest), num_warps=4, num_stages=min(stages, 2))  # fmt: skip
+                BLOCK_K=_slice_width(k_pad, widest), num_warps=warps, num_stages=min(stages, 2))  # fmt: skip
 
 
 def backward_tiles(arch: str, precision: str, k_pad: int, strategy: str) -> dict:
@@ -170,8 +171,9 @@ def backward_tiles(arch: str, precision: str, k_pad: int, strategy: str) -> dict
 
 
 def logits_tiles(arch: str) -> tuple[int, int, int]:
-    """``(forward rows, forward columns, gradient tile)`` of the logits kernels."""
-    return (32, 32, 32) if arch == "interpreter" else (64, 64, 64)
+    """``(forward rows, forward columns, gradient tile)`` of the logits kernels: 32 everywhere
+    (elementwise work; 64-wide tiles spill where 16 does not divide the matrix's row stride)."""
+    return 32, 32, 32
 
 
 def _known(arch: str) -> str:

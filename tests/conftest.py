@@ -16,11 +16,6 @@ if not torch.cuda.is_available():
             "triton was imported before tests/conftest.py could set TRITON_INTERPRET=1"
         )
     os.environ["TRITON_INTERPRET"] = "1"
-else:
-    # On a GPU the tests launch the default tiles: timing every candidate of every problem that
-    # hypothesis draws would cost minutes of compiling. tests/test_gpu.py turns it on where it
-    # runs the loss as users do.
-    os.environ.setdefault("GCL_OPS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

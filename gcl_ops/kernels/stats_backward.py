@@ -44,7 +44,7 @@ def _stats_bwd_kernel(
     own_ptr, other_ptr, inv_own_ptr, inv_other_ptr,  # data
     own_qid_ptr, own_did_ptr, other_qid_ptr, other_did_ptr,  # ids
     scalars_ptr,  # t; fp16: also max_b 1/|other_b| and max_b |g_other_b|
-    lse_own_ptr, lse_other_ptr,  # (2, n_own), (2, n_other): lse / t as hi + lo (0: no negative)
+    lse_own_ptr, lse_other_ptr,  # (n_own,), (n_other,): lse / t (0: no negative)
     grad_own_lse_ptr, grad_other_lse_ptr, grad_pos_ptr,  # upstream: (n_own,), (n_other,), (n_own,)
     grad_own_ptr, grad_other_ptr, scale_part_ptr,  # fp32 outputs, zeroed: (n_own, k), (n_other, k), (n_own,)
     stride_on, stride_ok, stride_tn, stride_tk,  # strides of own and other (outputs: (rows, k))
@@ -70,7 +70,6 @@ def _stats_bwd_kernel(
     scale = tl.load(scalars_ptr)
     exp_scale = scale * LOG2E
     lse_own = tl.load(lse_own_ptr + own, mask=own_ok, other=0.0)
-    lse_own_lo = tl.load(lse_own_ptr + n_own + own, mask=own_ok, other=0.0)
     grad_own_lse = tl.load(grad_own_lse_ptr + own, mask=own_ok, other=0.0)
     grad_pos = tl.load(grad_pos_ptr + own, mask=own_ok, other=0.0)
     inv_own = tl.full((BLOCK_OWN,), 1.0, dtype=tl.float32)
@@ -119,7 +118,6 @@ def _stats_bwd_kernel(
         if NORMALIZE:
             inv_other = tl.load(inv_other_ptr + other, mask=other_ok, other=1.0)
         lse_other = tl.load(lse_other_ptr + other, mask=other_ok, other=0.0)
-        lse_other_lo = tl.load(lse_other_ptr + n_other + other, mask=other_ok, other=0.0)
         grad_other_lse = tl.load(grad_other_lse_ptr + other, mask=other_ok, other=0.0)
         if RESIDENT:
             other_main, other_tail = _resident_operands(
@@ -139,12 +137,12 @@ def _stats_bwd_kernel(
             own, other, n_own, n_other, diag_offset,
             own_qid_ptr, own_did_ptr, other_qid_ptr, other_did_ptr, HAS_QID, HAS_DID,
         )  # fmt: skip
-        # P = exp(Z - lse) = exp2((S - hi - lo) t log2(e)), the difference in cosine units
-        # (exact where P is not negligible: S near hi). On negatives Z <= lse up to the rounding
+        # P = exp(Z - lse) = exp2((S - lse / t) t log2(e)), the difference in cosine units
+        # (exact where P is not negligible: S near lse / t). On negatives Z <= lse up to the rounding
         # of S, which differs from the forward's by a few ulps (another tile order): the clamp
         # keeps P <= 1 where a negative is alone in its row or column (docs/CONTRACT.md).
-        own_gap = (cosines - lse_own[:, None]) - lse_own_lo[:, None]
-        other_gap = (cosines - lse_other[None, :]) - lse_other_lo[None, :]
+        own_gap = cosines - lse_own[:, None]
+        other_gap = cosines - lse_other[None, :]
         p_own = tl.exp2(tl.minimum(own_gap, 0.0) * exp_scale)
         p_other = tl.exp2(tl.minimum(other_gap, 0.0) * exp_scale)
         grad_logits = tl.where(
