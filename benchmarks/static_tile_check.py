@@ -25,19 +25,14 @@ each strategy (``split``: the documents' launch, which also sums d t, and the qu
 ``atomic``: one launch), then the logits kernels. ``--candidates`` adds the autotuner's
 configurations (``GCL_OPS_AUTOTUNE=1``) of the forward and the backward.
 
-The model, per entry of the ``N x M`` similarity (``per_n2`` columns), as the tiles issue it:
-* FLOPs: 2 per multiply-add of each ``tl.dot``; ``S`` over ``ceil(k / BLOCK_K)`` slices, the
-  backward's gradients over ``K_MAIN + K_TAIL`` columns per slice of ``k``;
-* L2 bytes: operand tiles loaded per tile (``w e (1 / BLOCK_M + 1 / BLOCK_N)`` for a tile
-  loading ``w`` columns of ``e`` bytes on both sides), the gradient GEMM's other-side tile
-  again, and fp32 atomic adds at 8 bytes each (read and write in L2); loads once per program
-  and per-row statistics are below ``k e / N`` and left out; an upper bound where L1 hits;
-* atomics: fp32 adds (the forward's column sums, the atomic backward's gradient).
-``est_ms`` at N = 32,768: ``max(FLOPs / rate, L2 bytes / L2 bandwidth)`` with the published
-dense rates (H100 SXM: 989 TFLOP/s bf16/fp16, 494 TF32, 67 fp32 FMA; A100 SXM: 312, 156, 19.5),
-half of them where a GEMM falls back from wgmma to mma.sync on Hopper, and an L2 bandwidth of
-7 TB/s (H100) and 4 TB/s (A100): about twice HBM (3.35 and 2.0 TB/s), an assumption until a
-GPU measures it. The model ignores latency, the exponentials and the tail effects of the grid.
+The model (``tiling.traffic``, which also picks the default backward strategy), per entry of the
+``N x M`` similarity (``per_n2`` columns), as the tiles issue it: GEMM FLOPs, L2 bytes (operand
+tiles per tile, the gradient GEMM's reloads, fp32 atomic adds at 8 bytes) and atomics.
+``est_ms`` at N = 32,768: ``max(FLOPs / rate, L2 bytes / L2 bandwidth)`` from ``tiling.PEAKS``:
+the published dense rates (H100 SXM: 989 TFLOP/s bf16/fp16, 494 TF32, 67 fp32 FMA; A100 SXM:
+312, 156, 19.5; L40S: 362, 183, 91.6; B200: 2,250, 1,100, 80), half of them where a GEMM falls
+back from wgmma to mma.sync on Hopper, and an assumed L2 bandwidth of about twice HBM (7, 4, 2
+and 16 TB/s). The model ignores latency, the exponentials and the tail effects of the grid.
 
 Exits with status 1 if a launched default fails to compile, needs more shared memory than a
 block may have, or spills. Needs triton's bundled ptxas (Linux x86-64) and TRITON_INTERPRET unset.
@@ -56,6 +51,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -67,6 +63,8 @@ from triton.compiler import ASTSource
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # triton prints its own ptxas -v (captured below)
+# A cache of its own: a kernel found in a cache is not compiled, and ptxas prints nothing.
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="static_tile_check_"))
 
 from gcl_ops import launchers, tiling  # noqa: E402
 
@@ -78,18 +76,17 @@ class Gpu:
     name: str
     capability: int
     sms: int
-    half_tflops: float
-    tf32_tflops: float
-    fp32_tflops: float
-    l2_tbs: float
     shared_per_block: int  # bytes a block may have
     shared_per_sm: int
     wgmma: bool
 
 
+#: The GPUs compiled for (their peaks: ``tiling.PEAKS``).
 GPUS = {
-    "sm90": Gpu("H100 SXM", 90, 132, 989, 494, 67, 7.0, 232448, 233472, True),
-    "sm80": Gpu("A100 SXM", 80, 108, 312, 156, 19.5, 4.0, 166912, 167936, False),
+    "sm90": Gpu("H100 SXM", 90, 132, 232448, 233472, True),
+    "sm80": Gpu("A100 SXM", 80, 108, 166912, 167936, False),
+    "sm89": Gpu("L40S", 89, 142, 101376, 102400, False),
+    "sm100": Gpu("B200", 100, 148, 232448, 233472, False),
 }
 HEADLINE_N = 32768
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -254,6 +251,8 @@ def _mma_kinds(ttgir: str) -> list[str]:
     for line in ttgir.splitlines():
         if "ttng.warp_group_dot " in line:
             kinds.append("wgmma")
+        elif "ttng.tc_gen5_mma " in line:
+            kinds.append("tcgen05")
         elif re.search(r"= tt\.dot ", line):
             kinds.append("mma.sync" if "#mma" in line else "fma")
     return kinds
@@ -268,18 +267,6 @@ def compile_report(launch: Launch, gpu: Gpu) -> dict:
         compiled = triton.compile(source, target=GPUTarget("cuda", gpu.capability, 32),
                                   options=options)  # fmt: skip
     log = log.getvalue()
-    if "Used" not in log:  # a cache hit compiles nothing: compile the same PTX again
-        import subprocess
-        import tempfile
-
-        ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-        arch = f"sm_{gpu.capability}" + ("a" if gpu.capability == 90 else "")
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-            ptx.write(compiled.asm["ptx"])
-            ptx.flush()
-            log = subprocess.run([str(ptxas), "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}",
-                                  ptx.name, "-o", os.devnull], capture_output=True, text=True,
-                                 check=True).stderr  # fmt: skip
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     shared = compiled.metadata.shared
     warps = compiled.metadata.num_warps
@@ -303,48 +290,20 @@ def compile_report(launch: Launch, gpu: Gpu) -> dict:
 
 
 def traffic(launch: Launch) -> dict | None:
-    """FLOPs, L2 bytes and atomics per similarity entry of one launch (module docstring)."""
-    a = launch.arguments
-    name = launch.kernel.fn.__name__
+    """``tiling.traffic`` of one launch (None for the kernels without GEMMs)."""
+    a, name = launch.arguments, launch.kernel.fn.__name__
     if name not in ("_stats_fwd_kernel", "_stats_bwd_kernel"):
         return None
-    k = a["k"]
-    similarity = triton.cdiv(k, a["BLOCK_K"]) * a["BLOCK_K"]  # S's columns, as loaded
-    if a["RESIDENT"]:  # S over the resident columns
-        similarity = a["K_MAIN"] + a["K_TAIL"]
-    if name == "_stats_fwd_kernel":
-        element = a["rows_ptr"].element_size()
-        block_m, block_n = a["BLOCK_M"], a["BLOCK_N"]
-        loads = (1 / block_m) if a["RESIDENT"] else (1 / block_m + 1 / block_n)
-        return dict(flops=2 * similarity, atomics=1 / block_m,
-                    l2=similarity * element * loads + 8 / block_m)  # fmt: skip
-    element = a["own_ptr"].element_size()
-    own, other, slices = a["BLOCK_OWN"], a["BLOCK_OTHER"], launch.grid[2]
-    width = a["K_MAIN"] + a["K_TAIL"]  # per slice
-    flops = slices * (2 * similarity + 2 * width)
-    if a["RESIDENT"]:  # the other block once per tile, for both GEMMs
-        l2 = width * element / own
-    else:  # S streams both sides; the gradient GEMM loads the other side's slice again
-        l2 = slices * (similarity * element * (1 / own + 1 / other) + width * element / own)
-    atomics = 0.0
-    if launch.grid[1] > 1:  # other-side splits: the own gradient added atomically
-        atomics += slices * width * launch.grid[1] / (other * triton.cdiv(a["n_other"], other))
-    if a["OTHER_GRAD"]:
-        chunks = triton.cdiv(width, 64) * 64
-        flops += slices * 2 * chunks
-        l2 += slices * chunks * element / other
-        atomics += slices * chunks / own
-    return dict(flops=flops, l2=l2 + 8 * atomics, atomics=atomics)
-
-
-def estimate_ms(model: dict, report: dict, gpu: Gpu, precision: str, n: int) -> float:
-    rate = {"half": gpu.half_tflops, "tf32": gpu.tf32_tflops, "ieee": gpu.fp32_tflops}[precision]
-    if gpu.wgmma and "mma.sync" in report["mma"]:
-        rate /= 2
-    entries = float(n) * n
-    return 1e3 * max(
-        model["flops"] * entries / (rate * 1e12), model["l2"] * entries / (gpu.l2_tbs * 1e12)
-    )
+    backward = name == "_stats_bwd_kernel"
+    tiles = {key: a.get(key) for key in ("BLOCK_M", "BLOCK_N", "BLOCK_OWN", "BLOCK_OTHER",
+                                         "BLOCK_K", "K_MAIN", "K_TAIL", "RESIDENT")}  # fmt: skip
+    element = a["own_ptr" if backward else "rows_ptr"].element_size()
+    if not backward:
+        return tiling.traffic(tiles, a["k"], element, backward=False)
+    splits, other = launch.grid[1], a["BLOCK_OTHER"]
+    share = splits / (other * triton.cdiv(a["n_other"], other)) if splits > 1 else 0.0
+    return tiling.traffic(tiles, a["k"], element, backward=True, other_grad=a["OTHER_GRAD"],
+                          slices=launch.grid[2], split_share=share)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -357,7 +316,7 @@ def variants(args) -> list[tuple[dict, Launch]]:
     for arch, n, k, (dtype, precision), normalize, ids in itertools.product(
         args.arch, args.n, args.k, PRECISIONS, args.normalize, args.ids
     ):
-        if dtype not in args.dtype:
+        if dtype not in args.dtype or (precision not in args.precision and dtype == "fp32"):
             continue
         if n % 16 and (not normalize or ids != "qid+did") and len(args.n) > 1:
             continue  # (sizes nothing divides: the heaviest variant only)
@@ -437,13 +396,22 @@ def table_row(described: dict, launch: Launch, reports: dict) -> dict:
         model = traffic(launch)
         if model is not None:
             precision = tiling.precision_class(DTYPES[row["dtype"]], row["precision"] == "tf32")
+            hopper_mma_sync = gpu.wgmma and "mma.sync" in row["mma"]
+            seconds = tiling.estimate_seconds(described["arch"], precision, model,
+                                              float(HEADLINE_N) ** 2, hopper_mma_sync)  # fmt: skip
             row.update(flops_per_n2=round(model["flops"]), l2_bytes_per_n2=round(model["l2"], 2),
                        atomics_per_n2=round(model["atomics"], 4),
-                       est_ms_n32768=round(estimate_ms(model, row, gpu, precision, HEADLINE_N), 3))  # fmt: skip
+                       est_ms_n32768=round(1e3 * seconds, 3))  # fmt: skip
     except Exception as error:  # noqa: BLE001 - reported per configuration
         reports[key] = {}
         row["error"] = repr(error)[:200].replace("\n", " ")
     return {column: row.get(column) for column in COLUMNS}
+
+
+def _variant(row: dict) -> tuple:
+    """What identifies a row of the table (as text, as the CSV holds it)."""
+    return tuple(str(row[key]) for key in ("kernel", "role", "strategy", "config", "n", "k",
+                                           "dtype", "precision", "normalize", "ids"))  # fmt: skip
 
 
 def step_estimates(rows: list[dict]) -> list[str]:
@@ -470,11 +438,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=list(WIDTHS))
     parser.add_argument("--n", type=int, nargs="+", default=[HEADLINE_N, 1001])
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--precision", nargs="+", choices=["ieee", "tf32"], default=["ieee", "tf32"],
+                        help="of fp32: IEEE (FMA) and/or TF32 GEMMs")  # fmt: skip
     parser.add_argument("--normalize", nargs="+", choices=["on", "off"], default=["on", "off"])
     parser.add_argument("--ids", nargs="+", choices=list(IDS), default=list(IDS))
     parser.add_argument("--candidates", action="store_true", help="also the autotuner's configs")
     parser.add_argument("--write", action="store_true",
                         help="write benchmarks/results/static_tiles_<arch>.csv")  # fmt: skip
+    parser.add_argument("--merge", action="store_true",
+                        help="with --write: replace only these variants' rows in the table")  # fmt: skip
     args = parser.parse_args()
     args.normalize = [value == "on" for value in args.normalize]
     reports: dict = {}
@@ -501,10 +473,16 @@ def main() -> None:
     if args.write:
         for arch in args.arch:
             path = RESULTS / f"static_tiles_{arch}.csv"
+            new = [r for r in rows if r["arch"] == arch]
+            if args.merge and path.exists():
+                with open(path, newline="") as f:
+                    kept = list(csv.DictReader(f))
+                replaced = {_variant(r) for r in new}
+                new = [r for r in kept if _variant(r) not in replaced] + new
             with open(path, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=COLUMNS)
                 writer.writeheader()
-                writer.writerows(r for r in rows if r["arch"] == arch)
+                writer.writerows(new)
             print(f"wrote {path}")
     sys.exit(1 if failed else 0)
 

@@ -24,29 +24,23 @@ positive at column ``offset + i`` (one rank's rows against the gathered batch).
 
 Layers, from the kernels up (each file imports only those below it):
 
-* ``gcl_ops/kernels/``: the Triton kernels. ``tiles.py`` holds the shared tile helpers;
-  ``stats_forward.py`` holds ``_stats_fwd_kernel`` (one pass over the tiles; one exp per entry
-  feeds both the row and the column sums, shifted by a fixed bound instead of an online maximum,
-  since ``|Z| <= t``; column sums are combined with atomic adds) and ``_online_lse_kernel``
-  (exact recomputation with an online maximum for the rare row or column whose sum
-  underflowed); ``stats_backward.py`` holds ``_stats_bwd_kernel`` (the whole backward in one
-  pass over the tiles, FlashAttention-2 style: a program owns a block of columns and keeps their
-  gradient on chip while the row blocks stream past, ``dS`` formed once per tile feeds both
-  gradient GEMMs, the rows' gradient is added atomically); ``logits.py`` holds the logits-form kernels ``_logits_stats_kernel`` /
-  ``_logits_grad_kernel``;
-* ``gcl_ops/ops.py``: launchers that check nothing but shapes and allocate, and the custom ops
-  ``gcl_ops::gcl_stats`` / ``gcl_stats_backward`` (opaque to ``torch.compile``, so no graph
-  break) dispatching to Triton or to the blocked PyTorch path in ``gcl_ops/reference.py``;
-* ``gcl_ops/autograd.py``: ``torch.autograd.Function`` s with ``torch.amp.custom_fwd/custom_bwd``,
-  and the statistics layer ``gcl_stats`` / ``per_pair_loss`` / ``resolve_backend``;
-* ``gcl_ops/distributed.py``: the same loss over a batch split across ranks;
-* this file, ``gcl_ops/contrastive.py``: ``gcl_loss``, ``gcl_loss_from_logits`` and the
-  ``GCLLoss`` module; it re-exports ``gcl_stats``, ``per_pair_loss``, ``resolve_backend``,
-  ``Impl``, ``MAX_TRITON_K``, ``SHIFT_HEADROOM`` and ``TINY_SUM``.
+* ``gcl_ops/kernels/``: the Triton kernels (``stats_forward.py``: one pass over the tiles, one
+  exp per entry feeding both the row and the column sums, shifted by a fixed bound instead of an
+  online maximum since ``|Z| <= t``, and the exact recomputation of the rare underflowed row;
+  ``stats_backward.py``: a program owns a block of one side and keeps its gradient on chip;
+  ``logits.py``: the logits form);
+* ``gcl_ops/tiling.py``: the tiles per GPU architecture; ``gcl_ops/launchers.py``: the launchers;
+  ``gcl_ops/blockwise.py``: the PyTorch path (CPU, fp64, IEEE fp32 on a GPU, wide ``k``);
+* ``gcl_ops/ops.py``: the custom ops ``gcl_ops::*`` (opaque to ``torch.compile``);
+* ``gcl_ops/autograd.py``: ``torch.autograd.Function`` s and the statistics layer ``gcl_stats``,
+  ``per_pair_loss``, ``resolve_backend``; ``gcl_ops/distributed.py``: the same loss over ranks;
+* this file: ``gcl_loss``, ``gcl_loss_from_logits`` and the ``GCLLoss`` module; it re-exports
+  ``gcl_stats``, ``per_pair_loss``, ``resolve_backend``, ``Impl``, ``MAX_TRITON_K``,
+  ``SHIFT_HEADROOM`` and ``TINY_SUM``.
 
-``impl="auto"`` runs Triton on CUDA tensors (fp32, fp16, bf16; ``k <= 1024``) and the blocked
-PyTorch path elsewhere. ``impl="triton"`` on CPU tensors needs the Triton interpreter: set
-``TRITON_INTERPRET=1`` in the environment *before* anything imports triton.
+``impl="auto"`` runs Triton on CUDA tensors (fp16, bf16, fp32 with TF32 allowed; ``k <= 1024``)
+and the blocked PyTorch path elsewhere. ``impl="triton"`` on CPU tensors needs the Triton
+interpreter: set ``TRITON_INTERPRET=1`` in the environment *before* anything imports triton.
 """
 
 import torch
@@ -109,8 +103,9 @@ def gcl_loss(
         reduction: ``"mean"`` (default, the paper's ``1/2N``), ``"sum"`` or ``"none"`` (``(N,)``
             per-pair losses ``-w_i/2 * (log P_row[i, i] + log P_col[i, i])``).
         normalize: L2-normalise the embeddings first (default True; idempotent on unit vectors).
-        impl: ``"auto"`` (default: the fused Triton kernels for CUDA tensors of fp32/fp16/bf16
-            with ``k <= 1024``, the blocked PyTorch path otherwise), ``"triton"`` or ``"torch"``.
+        impl: ``"auto"`` (default: the fused Triton kernels for CUDA tensors of fp16/bf16, and
+            fp32 where TF32 is allowed, with ``k <= 1024``; the blocked PyTorch path otherwise),
+            ``"triton"`` or ``"torch"``.
         validate: check values (NaN, negative weights, zero rows, scale); one device sync.
 
     Returns:

@@ -288,7 +288,7 @@ def stats_backward(
     gradient comes back empty). ``row_parts``, ``col_parts``: the forward's (``ForwardStats``);
     without them, those of the fp32 ``neg_row``, ``neg_col``. ``strategy``: ``"split"`` (two
     atomic-free launches, one per side) or ``"atomic"`` (one launch, the queries' gradient added
-    atomically); default ``tiling.backward_strategy()``."""
+    atomically); default ``tiling.backward_strategy``: the traffic model's choice."""
     (n, k), m = query.shape, doc.shape[0]
     query_padded, doc_padded = _padded(query), _padded(doc)
     k_pad = query_padded.shape[1]
@@ -314,7 +314,8 @@ def stats_backward(
         need_query = True  # d scale comes out of a gradient pass
     tf32 = allow_tf32(autocast)
     arch, precision = tiling.architecture(query.device), tiling.precision_class(query.dtype, tf32)
-    strategy = tiling.backward_strategy() if strategy is None else strategy
+    if strategy is None:
+        strategy = tiling.backward_strategy(arch, precision, k_pad)
     if not (need_query and need_doc) or precision == "ieee":
         strategy = "split"  # one side: one atomic-free launch either way; FMA loops: split only
     tiles = tiling.backward_tiles(arch, precision, k_pad, strategy)
@@ -365,7 +366,7 @@ def stats_backward(
                 tiles, zeroed=zeroed, key=("n_own", "n_other", "k"))  # fmt: skip
         scale_part = part if scale_part is None else scale_part
     # d t = sum_ij dZ_ij S_ij: the kernel sums the negatives' terms, the positives' g_pos_i S_ii
-    # (the largest terms, which cancel against the negatives') are summed here in float64.
+    # are summed here: numerically either way, but the kernel without them takes fewer registers.
     if need_scale:
         positives = (grad_pos.double() * positive_cosines.double()).sum()
         grad_scale = (scale_part.double().sum() + positives).to(scale.dtype)

@@ -64,8 +64,8 @@ def test_kernels_compile_for_hopper_and_ampere_without_a_gpu() -> None:
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "static_tile_check.py"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(script), "--k", "72", "520", "--n", "1001", "--dtype", "bf16",
-         "fp32", "--normalize", "on", "--ids", "qid+did"],
+        [sys.executable, str(script), "--arch", "sm90", "sm80", "--k", "72", "520", "--n", "1001",
+         "--dtype", "bf16", "fp32", "--normalize", "on", "--ids", "qid+did"],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -432,3 +432,24 @@ def test_widths_are_padded_to_multiples_of_16(k) -> None:
     loss = gcl_ops.gcl_loss(q, doc.float().to(DEVICE), logit_scale=10.0, impl="triton")
     loss.backward()
     assert q.grad.shape == (20, k) and q.grad.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    ("capability", "name"),
+    [((8, 0), "sm80"), ((8, 6), "sm89"), ((8, 9), "sm89"), ((9, 0), "sm90"), ((10, 0), "sm100"),
+     ((12, 0), "sm100")],
+)  # fmt: skip
+def test_each_gpu_gets_its_architectures_tiles(capability, name, monkeypatch) -> None:
+    # 8.6 / 8.9 (A10, L4, L40, RTX) have 99 KiB of shared memory per block, not the A100's 163:
+    # resident operands must fit it.
+    monkeypatch.setattr(tiling, "INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert tiling.architecture(torch.device("cuda")) == name
+    for k in (64, 512, 1024):
+        for precision in ("half", "tf32"):
+            tiles = tiling.forward_tiles(name, precision, k)
+            if tiles["RESIDENT"]:
+                element = 2 if precision == "half" else 8
+                width = tiles["K_MAIN"] + tiles["K_TAIL"]
+                rows = tiles["BLOCK_M"] + tiles["num_stages"] * tiles["BLOCK_N"]
+                assert element * width * rows <= tiling.SHARED_MEMORY[name], (name, k, precision)
