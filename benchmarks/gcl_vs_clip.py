@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, hardware  # noqa: E402
 
 from reference_trainer.config import TrainConfig  # noqa: E402
-from reference_trainer.data import SPLITS, open_dataset  # noqa: E402
 from reference_trainer.evaluate import METRICS, evaluate_model  # noqa: E402
+from reference_trainer.marqo import SPLITS, open_dataset  # noqa: E402
 from reference_trainer.model import load_trained  # noqa: E402
 from reference_trainer.synthetic import make_synthetic  # noqa: E402
 from reference_trainer.train import train  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
                 for metric in METRICS:
                     rows.append({"kind": kind, "seed": seed, "split": split, "metric": metric,
                                  "value": results[split][metric]})  # fmt: skip
-            summary = "  ".join(f"{s}: {results[s]['ndcg@10']:.4f}" for s in SPLITS)
+            summary = "  ".join(f"{s}: {results[s]['NDCG@10']:.4f}" for s in SPLITS)
             print(f"{kind:>10} seed {seed}: NDCG@10  {summary}  ({seconds:.0f} s)", flush=True)
 
     out = Path(args.out)
@@ -136,7 +136,7 @@ def print_table(summary: list[dict], kinds: list[str]) -> None:
     cell = {(s["kind"], s["split"], s["metric"]): s for s in summary}
     print(f"\n{'kind':>10} {'metric':>8} " + " ".join(f"{split:>18}" for split in SPLITS))
     for kind in kinds:
-        for metric in ("ndcg@10", "err", "rbp@0.9"):
+        for metric in ("NDCG@10", "mERR", "mRBP9"):
             values = [cell[kind, split, metric] for split in SPLITS]
             print(
                 f"{kind:>10} {metric:>8} "
@@ -151,7 +151,7 @@ def plot(summary: list[dict], kinds: list[str], png: Path, args: argparse.Namesp
     import matplotlib.pyplot as plt
 
     cell = {(s["kind"], s["split"], s["metric"]): s for s in summary}
-    metrics = ("ndcg@10", "err", "rbp@0.9")
+    metrics = ("NDCG@10", "mERR", "mRBP9")
     fig, axes = plt.subplots(1, len(metrics), figsize=(15, 3.8))
     width = 0.8 / len(kinds)
     for ax, metric in zip(axes, metrics):

@@ -149,8 +149,8 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from reference_trainer.data import SPLITS, open_dataset
     from reference_trainer.evaluate import evaluate_model, format_table, save_results
+    from reference_trainer.marqo import SPLITS, open_dataset
     from reference_trainer.model import load_trained
 
     device = (

@@ -1,12 +1,13 @@
 """Four-split retrieval evaluation on MarqoGS-10M, following the GCL paper's protocol.
 
-For each split: up to ``max_queries`` queries (``MarqoGS.eval_queries``: sampled without
+For each split: up to ``max_queries`` queries (``eval_sets.eval_queries``: sampled without
 replacement with probability proportional to their summed ``score_linear``, seed 1) are embedded
 by the text tower; the split's corpus is embedded by both towers, the normalised title and image
 embeddings averaged with weights ``doc_gamma`` and re-normalised; each query retrieves the exact
 top ``min(top_k, C)`` documents by cosine similarity (``gcl_ops.topk``); the rankings are scored
-against the split's graded judgements (``score_linear``) with NDCG@10, ERR and RBP
-(``gcl_ops.evaluate``; ERR and RBP over the whole retrieved list, ``g_max`` per query).
+against the split's graded judgements (``score_linear``) with the official summary's metrics and
+names (``OFFICIAL_METRICS``: mAP@1000, mrr@1000, NDCG@10, mERR, mRBP7, mRBP8, mRBP9, computed by
+``gcl_ops.evaluate``; ERR and RBP over the whole retrieved list, ``g_max`` per query).
 
 in_domain and novel_query search ``corpus_1``, novel_document and zero_shot ``corpus_2``; each
 corpus is embedded once and shared by its splits. A judged document that is not in the corpus
@@ -31,10 +32,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import gcl_ops
-from reference_trainer.data import SPLIT_CORPUS, SPLITS, EvalQueries, MarqoGS, corpus_batches
+from reference_trainer.eval_sets import EvalQueries, corpus_batches, eval_queries
+from reference_trainer.marqo import SPLIT_CORPUS, SPLITS, MarqoGS
 from reference_trainer.model import ModelBundle, unwrap
 
-METRICS = ("ndcg@10", "err", "rbp@0.7", "rbp@0.8", "rbp@0.9")
+#: The official evaluation's summary (``evals/eval_gs_v1.py`` of marqo-ai/GCL), in its order and
+#: with its names, and the ``gcl_ops.evaluate`` metric that computes each: every judged document
+#: is relevant for MAP and MRR (grades 1..100), ERR maps grades exponentially with the query's top
+#: grade, and ERR and RBP run over all retrieved documents.
+OFFICIAL_METRICS = {
+    "mAP@1000": "map@1000",
+    "mrr@1000": "mrr@1000",
+    "NDCG@10": "ndcg@10",
+    "mERR": "err",
+    "mRBP7": "rbp@0.7",
+    "mRBP8": "rbp@0.8",
+    "mRBP9": "rbp@0.9",
+}
+METRICS = tuple(OFFICIAL_METRICS)
 #: Counts reported beside the metrics of each split.
 COUNTS = ("queries", "corpus", "skipped_images", "judged_not_in_corpus")
 
@@ -197,7 +212,8 @@ def score_split(
     qrels, absent = build_qrels(judgements, index)
     k = min(top_k, len(corpus.product_ids))
     _, indices = gcl_ops.topk(queries, corpus.embeddings.to(queries.device), k)
-    values: dict[str, Any] = gcl_ops.evaluate(indices, qrels, METRICS)
+    computed = gcl_ops.evaluate(indices, qrels, list(OFFICIAL_METRICS.values()))
+    values: dict[str, Any] = {name: computed[metric] for name, metric in OFFICIAL_METRICS.items()}
     values.update(
         queries=len(judgements.queries), corpus=len(corpus.product_ids),
         skipped_images=corpus.skipped_images, judged_not_in_corpus=absent,
@@ -270,9 +286,10 @@ def evaluate_model(
                 num_workers=num_workers, device=device, progress=progress,
             )  # fmt: skip
             for split in (s for s in splits if SPLIT_CORPUS[s] == corpus_name):
-                judgements = dataset.eval_queries(
-                    split, max_queries=max_queries, seed=seed, official_rescale=official_rescale
-                )
+                judgements = eval_queries(
+                    dataset, split, max_queries=max_queries, seed=seed,
+                    official_rescale=official_rescale,
+                )  # fmt: skip
                 queries = embed_queries(
                     model, bundle.tokenizer, judgements.queries, batch_size=batch_size,
                     device=device, progress=progress, desc=f"{split} queries",

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from reference_trainer.data import CORPUS_FILES, CSV_SPLIT_FILES, SPLIT_CORPUS, SPLITS
+from reference_trainer.marqo import CORPUS_FILES, CSV_SPLIT_FILES, SPLIT_CORPUS, SPLITS
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -64,21 +64,23 @@ HF_FEATURES = {  # the ``datasets`` features of the published shards
     "score_linear": {"dtype": "int64", "_type": "Value"},
     "score_reciprocal": {"dtype": "float64", "_type": "Value"},
     "no_score": {"dtype": "int64", "_type": "Value"},
-    "query_id": {"dtype": "int64", "_type": "Value"},
+    "query_id": {"dtype": "string", "_type": "Value"},
 }
 _ARROW_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
-HF_SCHEMA = pa.schema(
-    [
-        (
-            name,
-            _ARROW_TYPES[f["dtype"]]
-            if "dtype" in f
-            else pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
-        )
-        for name, f in HF_FEATURES.items()
-    ],
-    metadata={"huggingface": json.dumps({"info": {"features": HF_FEATURES}})},
-)
+
+
+def hf_schema(query_id_dtype: str = "string") -> pa.Schema:
+    """The published shards' Arrow schema with its ``huggingface`` metadata; ``query_id_dtype``
+    "int64" writes integer query ids instead of the card's strings."""
+    features = HF_FEATURES | {"query_id": {"dtype": query_id_dtype, "_type": "Value"}}
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.schema(
+        [(name, _ARROW_TYPES[f["dtype"]] if "dtype" in f else image)
+         for name, f in features.items()],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )  # fmt: skip
+
+
 CSV_COLUMNS = (
     "query",
     "product_id",
@@ -129,8 +131,11 @@ def _products(product_set: int, count: int, rng: np.random.Generator) -> list[di
     return products
 
 
-def _queries(count: int, first_id: int, taken: set[str], rng: np.random.Generator) -> list[dict]:
-    """``count`` queries with texts not in ``taken`` (which gains them), ids from ``first_id``."""
+def _queries(
+    count: int, first_id: int, taken: set[str], rng: np.random.Generator, string_ids: bool
+) -> list[dict]:
+    """``count`` queries with texts not in ``taken`` (which gains them), ids from ``first_id``
+    (as strings ``Q00042`` with ``string_ids``, the dataset card's dtype)."""
     queries: list[dict] = []
     while len(queries) < count:
         families = sorted(rng.choice(len(ATTRIBUTES), size=rng.integers(2, 5), replace=False))
@@ -141,7 +146,9 @@ def _queries(count: int, first_id: int, taken: set[str], rng: np.random.Generato
         text = " ".join(named.values())
         if text not in taken:
             taken.add(text)
-            queries.append({"query": text, "query_id": first_id + len(queries), "named": named})
+            number = first_id + len(queries)
+            query_id = f"Q{number:05d}" if string_ids else number
+            queries.append({"query": text, "query_id": query_id, "named": named})
     return queries
 
 
@@ -190,6 +197,7 @@ def make_synthetic(
     noise: float = 0.7,
     corrupt_images: int = 0,
     missing_images: int = 0,
+    query_id_dtype: str = "string",
 ) -> Path:
     """Write a MarqoGS-10M-shaped dataset to ``out`` (see the module docstring); returns ``out``.
 
@@ -203,9 +211,12 @@ def make_synthetic(
             ranking (0: positions follow the match count exactly).
         corrupt_images, missing_images: products of ``in_domain`` whose image is bytes that are
             not an image, or absent (a null struct; a path to no file in the CSV layout).
+        query_id_dtype: "string" (the dataset card's: ``Q00042``) or "int64".
     """
     if layout not in ("both", "huggingface", "csv"):
         raise ValueError(f"layout must be 'both', 'huggingface' or 'csv', got {layout!r}")
+    if query_id_dtype not in ("string", "int64"):
+        raise ValueError(f"query_id_dtype must be 'string' or 'int64', got {query_id_dtype!r}")
     if not 1 <= docs_per_query <= min(products_per_set, 100):
         raise ValueError(
             f"docs_per_query must be in 1..min(products_per_set, 100), got {docs_per_query}"
@@ -214,7 +225,10 @@ def make_synthetic(
     rng = np.random.default_rng(seed)
     products = [_products(s, products_per_set, rng) for s in (0, 1)]
     taken: set[str] = set()
-    queries = [_queries(queries_per_set, s * queries_per_set, taken, rng) for s in (0, 1)]
+    string_ids = query_id_dtype == "string"
+    queries = [
+        _queries(queries_per_set, s * queries_per_set, taken, rng, string_ids) for s in (0, 1)
+    ]
     splits = {
         split: _split_rows(queries[q], products[p], docs_per_query, noise, rng)
         for split, (q, p) in SPLIT_SETS.items()
@@ -233,11 +247,13 @@ def make_synthetic(
 
     out.mkdir(parents=True, exist_ok=True)
     if layout in ("both", "huggingface"):
-        _write_parquet(out / "data", splits, images, shards_per_split, rows_per_group)
+        _write_parquet(out / "data", splits, images, shards_per_split, rows_per_group,
+                       hf_schema(query_id_dtype))  # fmt: skip
     if layout in ("both", "csv"):
         _write_csv(out, splits, images, "png" if image_format.upper() == "PNG" else "jpg")
     manifest = {
         "seed": seed,
+        "query_id_dtype": query_id_dtype,
         "layout": layout,
         "rows_per_split": {split: len(rows["query"]) for split, rows in splits.items()},
         "corrupt_products": corrupt,
@@ -248,7 +264,7 @@ def make_synthetic(
 
 
 def _write_parquet(
-    folder: Path, splits: dict, images: dict, shards: int, rows_per_group: int
+    folder: Path, splits: dict, images: dict, shards: int, rows_per_group: int, schema: pa.Schema
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
@@ -268,8 +284,8 @@ def _write_parquet(
                     "no_score": np.ones(len(positions), np.int64),
                 }
             )
-            .select(HF_SCHEMA.names)
-            .cast(HF_SCHEMA)
+            .select(schema.names)
+            .cast(schema)
         )
         bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
         for shard in range(shards):

@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 import gcl_ops
 from gcl_ops.grad_cache import cached_step, split_batch
 from reference_trainer.config import TrainConfig
-from reference_trainer.data import DataError, MarqoGS, TrainStream, open_dataset, train_loader
+from reference_trainer.marqo import DataError, MarqoGS, open_dataset
 from reference_trainer.model import ModelBundle, create_model, save_model, unwrap
+from reference_trainer.stream import TrainStream, train_loader
 
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "skipped_images")
 

@@ -24,18 +24,20 @@ from hypothesis import strategies as st
 from PIL import Image
 from trainer_helpers import row_keys, same_batch, tiny_dataset, tokenizer, transform
 
-from reference_trainer.data import (
+from reference_trainer.eval_sets import corpus_batches, eval_queries
+from reference_trainer.marqo import (
     CSV_SPLIT_FILES,
     OFFICIAL_QUERY_KEY_SUFFIX,
     SPLITS,
     DataError,
+    open_dataset,
+    stable_id,
+)
+from reference_trainer.stream import (
     TrainStream,
-    corpus_batches,
     deal_window,
     epoch_windows,
     interleave_workers,
-    open_dataset,
-    stable_id,
     train_loader,
 )
 from reference_trainer.synthetic import HF_FEATURES
@@ -204,7 +206,9 @@ def test_layouts_give_the_same_data(tiny: Path, manifest: dict) -> None:
     frame = split_frame(tiny, "in_domain")
     bad = set(manifest["corrupt_products"]) | set(manifest["missing_products"])
     expected = sorted(
-        (q, stable_id(p)) for q, p in zip(frame["query_id"], frame["product_id"]) if p not in bad
+        (query_key(q), stable_id(p))
+        for q, p in zip(frame["query_id"], frame["product_id"])
+        if p not in bad
     )
     for dataset in (huggingface, csv_layout):
         batches = epoch(dataset)
@@ -213,9 +217,63 @@ def test_layouts_give_the_same_data(tiny: Path, manifest: dict) -> None:
     for corpus in ("corpus_1", "corpus_2"):
         documents = [list(huggingface.iter_corpus(corpus)), list(csv_layout.iter_corpus(corpus))]
         assert documents[0] == documents[1]
-    a, b = huggingface.eval_queries("novel_query", 10), csv_layout.eval_queries("novel_query", 10)
+    a, b = eval_queries(huggingface, "novel_query", 10), eval_queries(csv_layout, "novel_query", 10)
     assert a.queries == b.queries and a.judged_products == b.judged_products
     assert np.array_equal(a.judged_grades, b.judged_grades)
+
+
+def query_key(query_id) -> int:
+    """The id the loader gives a query: a string hashed as product ids are, an integer as is."""
+    return stable_id(query_id) if isinstance(query_id, str) else int(query_id)
+
+
+@pytest.mark.parametrize("query_id_dtype", ["string", "int64"])
+def test_string_and_integer_query_ids_in_both_layouts(tmp_path: Path, query_id_dtype: str) -> None:
+    root = tiny_dataset(tmp_path / "gs", queries_per_set=8, docs_per_query=8,
+                        query_id_dtype=query_id_dtype)  # fmt: skip
+    arrow_type = pq.read_schema(next((root / "data").glob("in_domain-*.parquet"))).field("query_id")
+    assert str(arrow_type.type) == query_id_dtype
+    frame = split_frame(root, "in_domain")
+    assert all(isinstance(q, str) == (query_id_dtype == "string") for q in frame["query_id"])
+    expected = sorted(
+        (query_key(q), stable_id(p)) for q, p in zip(frame["query_id"], frame["product_id"])
+    )
+    samples = []
+    for layout in ("huggingface", "csv"):
+        dataset = open_dataset(root, layout=layout)
+        assert sorted(row_keys(epoch(dataset, batch_size=8, window_batches=2))) == expected
+        samples.append(eval_queries(dataset, "novel_query"))
+    assert samples[0].queries == samples[1].queries and samples[0].queries
+    assert np.array_equal(samples[0].judged_grades, samples[1].judged_grades)
+
+
+def test_card_dtypes_are_checked_and_extra_columns_ignored(tiny: Path, tmp_path: Path) -> None:
+    def with_column(name: str, values):
+        def change(table: pa.Table) -> pa.Table:
+            column = pa.array(values(table.num_rows))
+            if name in table.column_names:
+                return table.set_column(table.schema.get_field_index(name), name, column)
+            return table.append_column(name, column)
+
+        return change
+
+    extra = copy_split(tiny, tmp_path / "extra", change=with_column("notes", lambda n: ["x"] * n))
+    assert open_dataset(extra).num_rows("in_domain") == 768
+    for name, values, found in (
+        ("position", lambda n: [str(i) for i in range(n)], "string"),
+        ("score_reciprocal", lambda n: ["0.5"] * n, "string"),
+        ("query_id", lambda n: [0.5] * n, "double"),
+        ("title", lambda n: list(range(n)), "int64"),
+    ):
+        root = copy_split(tiny, tmp_path / name, change=with_column(name, values))
+        with pytest.raises(DataError, match=rf"column '{name}' has type {found}; expected"):
+            open_dataset(root)
+    csv_root = tmp_path / "csv"
+    csv_root.mkdir()
+    frame = split_frame(tiny, "in_domain")
+    frame.assign(score_linear="high").to_csv(csv_root / CSV_SPLIT_FILES["in_domain"], index=False)
+    with pytest.raises(DataError, match=r"column 'score_linear'"):
+        eval_queries(open_dataset(csv_root), "in_domain")
 
 
 # ---------------------------------------------------------------------------- memory
@@ -406,14 +464,14 @@ def test_eval_queries_are_the_official_sample(tiny: Path, rescale: bool) -> None
     dataset = open_dataset(tiny)
     frame = split_frame(tiny, "zero_shot")
     expected, grade_of = official_sample(frame, 20, rescale)
-    sample = dataset.eval_queries("zero_shot", max_queries=20, official_rescale=rescale)
+    sample = eval_queries(dataset, "zero_shot", max_queries=20, official_rescale=rescale)
     assert len(sample.queries) == 20 and set(sample.queries) == expected
     assert sample.split == "zero_shot"
     summed = frame.groupby("query")["score_linear"].sum() if not rescale else None
     if summed is not None:
         assert list(summed[sample.queries]) == sorted(summed[sample.queries], reverse=True)
     first_id = frame.groupby("query")["query_id"].first()
-    assert sample.query_ids.tolist() == [first_id[q] for q in sample.queries]
+    assert sample.query_ids.tolist() == [query_key(first_id[q]) for q in sample.queries]
     judged = frame[frame["query"].isin(expected)]
     assert len(sample.judged_products) == len(judged)
     for row, product, grade in zip(
@@ -422,13 +480,13 @@ def test_eval_queries_are_the_official_sample(tiny: Path, rescale: bool) -> None
         assert grade == grade_of[(sample.queries[row], product)]
     if rescale:  # the official rescaling moved some grades (16 positions: 85..100 -> 1..100)
         assert not np.array_equal(
-            sample.judged_grades, dataset.eval_queries("zero_shot", 20).judged_grades
+            sample.judged_grades, eval_queries(dataset, "zero_shot", 20).judged_grades
         )
 
 
 def test_small_splits_keep_every_query_and_corpora_follow_the_product_sets(tiny: Path) -> None:
     dataset = open_dataset(tiny)
-    sample = dataset.eval_queries("in_domain")  # 48 queries < 2000
+    sample = eval_queries(dataset, "in_domain")  # 48 queries < 2000
     frame = split_frame(tiny, "in_domain")
     assert sorted(sample.queries) == sorted(frame["query"].unique())
     assert np.all(sample.judged_grades == 101 - frame.set_index(["query", "product_id"]).loc[
@@ -493,7 +551,7 @@ def test_errors_name_what_is_wrong(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"split 'zero_shot' is missing .*present: in_domain"):
         make_stream(only_in_domain, split="zero_shot")
     with pytest.raises(DataError, match="unknown split 'train'"):
-        only_in_domain.eval_queries("train")
+        eval_queries(only_in_domain, "train")
     with pytest.raises(
         DataError, match=r"768 rows, too few for one batch of 300 on each of 3 rank"
     ):
@@ -534,7 +592,7 @@ def test_errors_name_what_is_wrong(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(
         DataError, match=r"query_0_product_id_0.csv \(chunk 0\): score_linear 1\d\d.0 is outside"
     ):
-        open_dataset(csv_root).eval_queries("in_domain")
+        eval_queries(open_dataset(csv_root), "in_domain")
     with pytest.raises(DataError, match="corpus_1.json is missing"):
         list(open_dataset(csv_root).iter_corpus("corpus_1"))
 

@@ -12,9 +12,10 @@ import torch
 
 from reference_trainer.cli import main as cli
 from reference_trainer.config import TrainConfig, build_config
-from reference_trainer.data import SPLITS, TrainStream, open_dataset
 from reference_trainer.evaluate import METRICS, evaluate_model
+from reference_trainer.marqo import SPLITS, open_dataset
 from reference_trainer.model import TINY_MODEL, create_model, load_trained
+from reference_trainer.stream import TrainStream
 from reference_trainer.synthetic import make_synthetic
 from reference_trainer.train import train
 
@@ -206,3 +207,48 @@ def test_config_file_then_overrides(tmp_path) -> None:
         build_config(path, [], data="d", out="o")
     with pytest.raises(ValueError, match="max_docs_per_query"):
         build_config(None, ["max_docs_per_query=0"], data="d", out="o")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_the_step_weights_the_document_fields_as_configured(tmp_path, chunk_size) -> None:
+    # Unequal gammas (title 0.8, image 0.2): the step's loss is the multi-field definition's with
+    # the fields in that order, with and without gradient caching, and not the reversed one's.
+    import definition
+
+    import gcl_ops
+    from reference_trainer.train import MultiFieldStep
+
+    config = TrainConfig(data="unused", out=str(tmp_path), batch_size=12, chunk_size=chunk_size,
+                         doc_gamma=[0.8, 0.2], device="cpu").validate()  # fmt: skip
+    torch.manual_seed(0)
+    bundle = create_model(TINY_MODEL)
+    model = bundle.model.eval()  # (no dropout: the two computations see the same network)
+    generator = torch.Generator().manual_seed(1)
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    words = ["red", "blue", "shoe", "bag", "wool", "steel", "lamp", "tiny"]
+    texts = [" ".join(words[(i * j) % 8] for j in range(1, 4)) for i in range(24)]
+    batch = {
+        "query_tokens": bundle.tokenizer(texts[:12]),
+        "title_tokens": bundle.tokenizer(texts[12:]),
+        "images": torch.randn(12, 3, size, size, generator=generator),
+        "scores": torch.randint(1, 101, (12,), generator=generator).double(),
+        "query_ids": torch.arange(12) // 2,  # pairs of rows share a query: masked duplicates
+        "doc_ids": torch.arange(12),
+    }
+    step = MultiFieldStep(model, model, config, world=1)
+    loss = step(batch, torch.amp.GradScaler("cpu", enabled=False))
+    with torch.no_grad():
+        query = model.encode_text(batch["query_tokens"])
+        title, image = model.encode_text(batch["title_tokens"]), model.encode_image(batch["images"])
+        weights = gcl_ops.score_to_weight(batch["scores"], config.weight_kind, s_max=config.s_max)
+
+        def expected(gamma):
+            return definition.multi_field_loss(
+                [query], [title, image], weights, model.logit_scale.exp(), [1.0], gamma,
+                config.renormalize, query_ids=batch["query_ids"], doc_ids=batch["doc_ids"],
+            )  # fmt: skip
+
+        intended, reversed_ = float(expected([0.8, 0.2])), float(expected([0.2, 0.8]))
+    assert float(loss) == pytest.approx(intended, rel=1e-5)
+    assert abs(intended - reversed_) > 1e-3 * abs(intended)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from reference_trainer import evaluate as ev
-from reference_trainer.data import SPLIT_CORPUS, SPLITS, EvalQueries
+from reference_trainer.eval_sets import EvalQueries, eval_queries
+from reference_trainer.marqo import SPLIT_CORPUS, SPLITS
 from reference_trainer.model import ModelBundle
 
 DIM = 8
@@ -105,6 +106,9 @@ class Vocabulary:
 @pytest.fixture
 def fake_pipeline(monkeypatch):
     monkeypatch.setattr(ev, "corpus_batches", fake_corpus_batches)
+    monkeypatch.setattr(
+        ev, "eval_queries", lambda dataset, split, **options: dataset.eval_queries(split, **options)
+    )
 
 
 def random_world(seed: int = 0, *, missing: bool = True):
@@ -154,6 +158,31 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return x.double() / x.double().norm(dim=-1, keepdim=True)
 
 
+def assert_matches_trec_eval(results, queries, docs, products, judgements, top_k=40) -> None:
+    """mAP@1000, MRR@1000 and NDCG@10 of ``results`` equal pytrec_eval's ``map_cut_1000``,
+    ``recip_rank`` and ``ndcg_cut_10`` on the same run: the top ``top_k`` cosines per query,
+    judged with the (integer) grades."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    scores = (unit(queries) @ unit(docs).T).double()
+    top = scores.topk(min(top_k, len(products)), dim=1)
+    run = {
+        f"q{q}": {products[d]: float(v) for v, d in zip(top.values[q], top.indices[q].tolist())}
+        for q in range(len(judgements.queries))
+    }
+    qrels = {name: {} for name in run}
+    for row, product, grade in zip(
+        judgements.judged_rows, judgements.judged_products, judgements.judged_grades
+    ):
+        assert float(grade).is_integer()
+        qrels[f"q{row}"][product] = max(int(grade), qrels[f"q{row}"].get(product, 0))
+    measures = {"map_cut.1000", "recip_rank", "ndcg_cut.10"}
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    for ours, name in (("mAP@1000", "map_cut_1000"), ("mrr@1000", "recip_rank"),
+                       ("NDCG@10", "ndcg_cut_10")):  # fmt: skip
+        mean = sum(theirs[q][name] for q in run) / len(run)
+        assert results[ours] == pytest.approx(mean, rel=1e-5, abs=1e-7), ours
+
+
 def oracle_metrics(queries, docs, products, judgements, *, top_k=1000) -> dict[str, float]:
     """Mean NDCG@10 (linear gain), ERR (exponential) and RBP of the brute-force cosine ranking
     of ``docs (C, d)`` (rows named ``products``) for ``queries (Q, d)``, in float64 loops."""
@@ -176,15 +205,20 @@ def oracle_metrics(queries, docs, products, judgements, *, top_k=1000) -> dict[s
         def dcg(grades):
             return sum(g / math.log2(i + 2) for i, g in enumerate(grades[:10]))
 
-        totals["ndcg@10"] += dcg(ranked) / dcg(ideal)
+        hits = [i for i, g in enumerate(ranked) if g > 0]  # every judged document is relevant
+        totals["mAP@1000"] += sum((n + 1) / (i + 1) for n, i in enumerate(hits)) / len(ideal)
+        totals["mrr@1000"] += 1 / (hits[0] + 1) if hits else 0.0
+        totals["NDCG@10"] += dcg(ranked) / dcg(ideal)
         err, reach = 0.0, 1.0
         for i, g in enumerate(ranked):
             stop = (2.0**g - 1.0) / 2.0**g_max
             err += reach * stop / (i + 1)
             reach *= 1.0 - stop
-        totals["err"] += err
+        totals["mERR"] += err
         for p in (0.7, 0.8, 0.9):
-            totals[f"rbp@{p}"] += (1 - p) * sum(g / g_max * p**i for i, g in enumerate(ranked))
+            totals[f"mRBP{int(p * 10)}"] += (1 - p) * sum(
+                g / g_max * p**i for i, g in enumerate(ranked)
+            )
     return {name: value / len(judgements.queries) for name, value in totals.items()}
 
 
@@ -232,7 +266,7 @@ def test_metrics_match_brute_force(fake_pipeline):
     )
     assert data.query_calls[-1] == ("zero_shot", 2000, 1, False)
     assert_matches(full["zero_shot"], oracle(vocab, data, "zero_shot"))
-    assert full["zero_shot"]["rbp@0.9"] > results["zero_shot"]["rbp@0.9"]
+    assert full["zero_shot"]["mRBP9"] > results["zero_shot"]["mRBP9"]
 
 
 def test_each_corpus_is_embedded_once(fake_pipeline):
@@ -270,7 +304,7 @@ def test_single_fields_rank_differently(fake_pipeline):
     image = ev.evaluate_model(
         vocab.bundle(), data, splits=("in_domain",), doc_gamma=(0, 1), progress=False
     )
-    assert title["in_domain"]["ndcg@10"] != image["in_domain"]["ndcg@10"]
+    assert title["in_domain"]["NDCG@10"] != image["in_domain"]["NDCG@10"]
 
 
 def test_judged_documents_missing_from_the_corpus_count_in_the_ideal(fake_pipeline):
@@ -297,18 +331,18 @@ def test_judged_documents_missing_from_the_corpus_count_in_the_ideal(fake_pipeli
         vocab.bundle(), world({"a": 3, "b": 2, "c": 1}), splits=("in_domain",),
         doc_gamma=(1, 0), progress=False,
     )["in_domain"]  # fmt: skip
-    assert perfect["ndcg@10"] == pytest.approx(1.0)
+    assert perfect["NDCG@10"] == pytest.approx(1.0)
     result = ev.evaluate_model(
         vocab.bundle(), world({"c": 1, "gone": 3, "a": 3, "b": 2}), splits=("in_domain",),
         doc_gamma=(1, 0), progress=False,
     )["in_domain"]  # fmt: skip
     dcg = 3 + 2 / math.log2(3) + 1 / math.log2(4)
     ideal = 3 + 3 / math.log2(3) + 2 / math.log2(4) + 1 / math.log2(5)
-    assert result["ndcg@10"] == pytest.approx(dcg / ideal)
+    assert result["NDCG@10"] == pytest.approx(dcg / ideal)
     assert result["judged_not_in_corpus"] == 1 and result["corpus"] == 4
     # g_max is the top judged grade, here equal with or without the missing document.
-    assert result["err"] == pytest.approx(perfect["err"])
-    assert result["rbp@0.8"] == pytest.approx(0.2 * (3 / 3 + 2 / 3 * 0.8 + 1 / 3 * 0.64))
+    assert result["mERR"] == pytest.approx(perfect["mERR"])
+    assert result["mRBP8"] == pytest.approx(0.2 * (3 / 3 + 2 / 3 * 0.8 + 1 / 3 * 0.64))
 
 
 def test_build_qrels_keeps_the_best_grade_of_a_repeated_pair():
@@ -367,8 +401,11 @@ def test_table_and_files(tmp_path):
     table = ev.format_table(results).splitlines()
     assert table[0].split() == list(SPLITS)
     assert [line.split()[0] for line in table[1:]] == [*ev.METRICS, *ev.COUNTS]
-    ndcg = table[1].split()[1:]
-    assert ndcg == [f"{results[s]['ndcg@10']:.4f}" for s in SPLITS]
+    assert [line.split()[0] for line in table[1:8]] == [
+        "mAP@1000", "mrr@1000", "NDCG@10", "mERR", "mRBP7", "mRBP8", "mRBP9",
+    ]  # fmt: skip
+    ndcg = table[3].split()[1:]
+    assert ndcg == [f"{results[s]['NDCG@10']:.4f}" for s in SPLITS]
 
     json_path, csv_path = ev.save_results(results, tmp_path / "out" / "eval")
     assert (json_path.name, csv_path.name) == ("eval.json", "eval.csv")
@@ -398,7 +435,7 @@ def test_synthetic_dataset_end_to_end(tmp_path):
     from ``iter_corpus``, and both layouts give the same results."""
     from PIL import Image
 
-    from reference_trainer.data import open_dataset
+    from reference_trainer.marqo import open_dataset
     from reference_trainer.model import TINY_MODEL, create_model
     from reference_trainer.synthetic import make_synthetic
 
@@ -442,10 +479,11 @@ def test_synthetic_dataset_end_to_end(tmp_path):
                 title = model.encode_text(bundle.tokenizer([document.title]))
                 docs.append(unit(title[0]) + unit(model.encode_image(pixels)[0]))
                 products.append(document.product_id)
-            judgements = dataset.eval_queries(split, max_queries=16, official_rescale=True)
+            judgements = eval_queries(dataset, split, max_queries=16, official_rescale=True)
             queries = model.encode_text(bundle.tokenizer(judgements.queries))
             expected = oracle_metrics(queries, torch.stack(docs), products, judgements, top_k=40)
             assert hf[split]["corpus"] == len(products)
             assert_matches(hf[split], expected)
+            assert_matches_trec_eval(hf[split], queries, torch.stack(docs), products, judgements)
             for name in ev.METRICS:
                 assert 0 <= hf[split][name] <= 1
