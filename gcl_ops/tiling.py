@@ -159,12 +159,10 @@ def forward_tiles(arch: str, precision: str, k_pad: int) -> dict:
 def recompute_tiles(arch: str, precision: str, k_pad: int) -> dict:
     """The exact recomputation (``_online_lse_kernel``, rarely run): the forward's streaming
     tiles at most 64 x 64, 4 warps, 2 stages (128-wide tiles spill there)."""
-    streaming = (
-        _INTERPRETER_FORWARD
-        if arch == "interpreter"
-        else _lookup(_FORWARD_STREAMING, arch, precision)
-    )
-    block_m, block_n, widest, _, stages = streaming
+    if arch == "interpreter":
+        block_m, block_n, widest, _, stages = _INTERPRETER_FORWARD
+    else:
+        block_m, block_n, widest, _, stages = _lookup(_FORWARD_STREAMING, arch, precision)
     block = 32 if precision == "ieee" else 64
     warps = 8 if (_known(arch), precision) == ("sm80", "tf32") or arch == "sm100" else 4
     return dict(BLOCK_M=min(block_m, block), BLOCK_N=min(block_n, block),
