@@ -7,6 +7,8 @@ the tiny open_clip model with the same budget (steps, batch, schedule), evaluate
 
     python benchmarks/gcl_vs_clip.py                      # 3 kinds x 3 seeds, ~20 min on 2 cores
     python benchmarks/gcl_vs_clip.py --seeds 5 --steps 600
+    python benchmarks/gcl_vs_clip.py --batch-size 256 --set chunk_size=64 --tag b256 \
+        --synthetic docs_per_query=100          # one recipe of a study, on a harder dataset
 
 Results: ``benchmarks/results/gcl_vs_clip.csv`` (one row per kind, seed, split, metric),
 ``gcl_vs_clip_summary.csv`` (mean, std), ``gcl_vs_clip.json`` (settings and hardware),
@@ -24,11 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, hardware  # noqa: E402
 
-from reference_trainer.config import TrainConfig  # noqa: E402
+from reference_trainer.config import build_config  # noqa: E402
 from reference_trainer.evaluate import METRICS, evaluate_model  # noqa: E402
 from reference_trainer.marqo import SPLITS, open_dataset  # noqa: E402
 from reference_trainer.model import load_trained  # noqa: E402
@@ -53,6 +57,22 @@ def main() -> None:
     parser.add_argument(
         "--max-queries", type=int, default=2000, help="evaluation queries per split"
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="trainer config overrides for every run, applied last "
+        "(e.g. chunk_size=64 max_docs_per_query=4 max_logit_scale=50)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="make_synthetic options for the generated dataset "
+        "(e.g. docs_per_query=100 noise=1.0 query_id_dtype=int64)",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     parser.add_argument("--tag", default="gcl_vs_clip", help="file name stem of the results")
     parser.add_argument("--plot-only", action="store_true",
@@ -73,10 +93,12 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="gcl_vs_clip_"))
+    synthetic = {key: yaml.safe_load(value) for key, value in
+                 (item.split("=", 1) for item in args.synthetic)}  # fmt: skip
     data = (
         Path(args.data)
         if args.data
-        else make_synthetic(work / "data", layout="huggingface", seed=0)
+        else make_synthetic(work / "data", layout="huggingface", seed=0, **synthetic)
     )
     dataset = open_dataset(data)
     print(f"data: {dataset.describe()}")
@@ -85,10 +107,10 @@ def main() -> None:
     for kind in args.kinds:
         for seed in range(args.seeds):
             started = time.perf_counter()
-            config = TrainConfig(
-                data=str(data), out=str(work / f"{kind}_{seed}"), weight_kind=kind, seed=seed,
-                steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                warmup_steps=max(1, args.steps // 10), progress=False,
+            config = build_config(
+                None, args.set, data=str(data), out=str(work / f"{kind}_{seed}"),
+                weight_kind=kind, seed=seed, steps=args.steps, batch_size=args.batch_size,
+                lr=args.lr, warmup_steps=max(1, args.steps // 10), progress=False,
             )  # fmt: skip
             checkpoint = train(config)
             results = evaluate_model(
