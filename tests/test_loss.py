@@ -186,10 +186,29 @@ def test_blocked_path_matches_definition_float64(reduction: str, batch: GCLBatch
     check_against_definition(torch_loss(reduction), batch, reduction)
 
 
+#: A thorough-profile draw: t = 95, one pair of weight 4 whose column has a negative above the
+#: positive (P near 1 there), so dL/dt carries the backward's recomputation of S (CONTRACT).
+RECOMPUTED_S_DRAW = GCLBatch(
+    query=torch.tensor([[1.5409960746765137, -0.293428897857666],
+                        [-2.1787893772125244, 0.5684312582015991],
+                        [-1.0845223665237427, -1.3985954523086548],
+                        [0.40334683656692505, 0.8380263447761536],
+                        [-0.7192575931549072, -0.40334352850914]]),
+    doc=torch.tensor([[-0.5966353416442871, 0.18203648924827576],
+                      [-0.8566746115684509, 1.1006041765213013],
+                      [-1.0711873769760132, 0.1227012425661087],
+                      [-0.5663174986839294, 0.3731146454811096],
+                      [-0.8919953107833862, -1.5091077089309692]]),
+    weights=torch.tensor([0.0, 0.0, 0.0, 0.0, 4.0]),
+    logit_scale=95.0,
+)  # fmt: skip
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @settings(max_examples=20)
 @given(batch=gcl_batches(max_n=96, min_k=2, max_k=64, dtype=torch.float32, min_loss=MIN_LOSS))
 @example(batch=PINNED[2].to(torch.float32))
+@example(batch=RECOMPUTED_S_DRAW)
 def test_triton_kernels_match_definition(reduction: str, batch: GCLBatch) -> None:
     # Under the interpreter without a GPU; weights, duplicate ids and ragged N, k drawn.
     loss_fn = functools.partial(gcl_ops.gcl_loss, reduction=reduction, impl="triton")
