@@ -7,9 +7,11 @@ import csv
 import json
 import socket
 
+import definition
 import pytest
 import torch
 
+import gcl_ops
 from reference_trainer.cli import main as cli
 from reference_trainer.config import TrainConfig, build_config
 from reference_trainer.evaluate import METRICS, evaluate_model
@@ -17,7 +19,7 @@ from reference_trainer.marqo import SPLITS, open_dataset
 from reference_trainer.model import TINY_MODEL, create_model, load_trained
 from reference_trainer.stream import TrainStream
 from reference_trainer.synthetic import make_synthetic
-from reference_trainer.train import train
+from reference_trainer.train import MultiFieldStep, train
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +215,6 @@ def test_config_file_then_overrides(tmp_path) -> None:
 def test_the_step_weights_the_document_fields_as_configured(tmp_path, chunk_size) -> None:
     # Unequal gammas (title 0.8, image 0.2): the step's loss is the multi-field definition's with
     # the fields in that order, with and without gradient caching, and not the reversed one's.
-    import definition
-
-    import gcl_ops
-    from reference_trainer.train import MultiFieldStep
-
     config = TrainConfig(data="unused", out=str(tmp_path), batch_size=12, chunk_size=chunk_size,
                          doc_gamma=[0.8, 0.2], device="cpu").validate()  # fmt: skip
     torch.manual_seed(0)
