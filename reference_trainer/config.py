@@ -66,6 +66,14 @@ class TrainConfig:
     max_logit_scale: float = _field(
         100.0, "the learnable logit scale is clamped to at most this (open_clip)"
     )
+    init_logit_scale: float | None = _field(
+        None, "the logit scale's starting value (None: open_clip's 1 / 0.07 = 14.3)"
+    )
+    loss_normalization: str = _field(
+        "pairs",
+        "pairs: the weighted losses averaged over the pairs (the paper's 1 / 2N); weights: "
+        "divided by the batch's sum of weights instead (a weighted mean: each batch weighs the same)",
+    )
     impl: str = _field("auto", "loss backend: auto (Triton on CUDA), triton, torch")
     # optimisation
     steps: int = _field(200, "optimizer steps (epochs roll over as needed)")
@@ -124,6 +132,17 @@ class TrainConfig:
             raise ValueError(f"impl must be auto, triton or torch, got {self.impl!r}")
         if not self.max_logit_scale > 0:
             raise ValueError(f"max_logit_scale must be positive, got {self.max_logit_scale}")
+        if self.init_logit_scale is not None and not (
+            0 < self.init_logit_scale <= self.max_logit_scale
+        ):
+            raise ValueError(
+                f"init_logit_scale must lie in (0, max_logit_scale={self.max_logit_scale}], "
+                f"got {self.init_logit_scale}"
+            )
+        if self.loss_normalization not in ("pairs", "weights"):
+            raise ValueError(
+                f"loss_normalization must be pairs or weights, got {self.loss_normalization!r}"
+            )
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(
                 f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"

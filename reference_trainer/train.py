@@ -226,12 +226,24 @@ class MultiFieldStep:
         query, title, image = embeddings
         config = self.config
         weights = gcl_ops.score_to_weight(batch["scores"], config.weight_kind, s_max=config.s_max)
+        if config.loss_normalization == "weights":
+            weights = weights / self.mean_weight(weights)
         ids = (
             {"query_ids": batch["query_ids"], "doc_ids": batch["doc_ids"]}
             if config.mask_duplicates
             else {}
         )
         return self.criterion([query], [title, image], self.core.logit_scale.exp(), weights, **ids)
+
+    def mean_weight(self, weights: torch.Tensor) -> torch.Tensor:
+        """The global batch's mean weight: dividing by it turns the loss's 1 / 2N average into
+        the weighted mean sum_i w_i l_i / sum_i w_i."""
+        total = torch.stack(
+            [weights.sum(), torch.tensor(float(weights.numel()), device=weights.device)]
+        )
+        if self.world > 1:
+            dist.all_reduce(total)
+        return total[0] / total[1]
 
     def __call__(self, batch: dict[str, Any], scaler: torch.amp.GradScaler) -> torch.Tensor:
         """Loss of the batch (detached); gradients accumulated in the parameters."""
@@ -293,6 +305,9 @@ def train(
         config.model, pretrained=config.pretrained, device=device, freeze=config.freeze
     )
     core = bundle.model
+    if config.init_logit_scale is not None:
+        with torch.no_grad():
+            core.logit_scale.fill_(math.log(config.init_logit_scale))
     if is_main:
         print(f"data: {dataset.describe()}")
         millions = sum(p.numel() for p in core.parameters()) / 1e6

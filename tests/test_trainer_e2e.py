@@ -69,7 +69,12 @@ def test_train_with_grad_cache_evaluate_and_resume_exactly(dataset_dir, tmp_path
 
 
 def test_resume_refuses_a_different_batch_size(dataset_dir, tmp_path) -> None:
-    first = train(tiny(dataset_dir, tmp_path / "a", steps=2, checkpoint_every=0, chunk_size=None))
+    first = train(tiny(dataset_dir, tmp_path / "a", steps=2, checkpoint_every=0, chunk_size=None,
+                       init_logit_scale=50.0))  # fmt: skip
+    with (tmp_path / "a" / "log.csv").open() as f:
+        scales = [float(row["logit_scale"]) for row in csv.DictReader(f)]
+    # two AdamW steps of lr 2e-3 move log(scale) by at most ~4e-3 from log(50)
+    assert all(abs(scale / 50.0 - 1) < 1e-2 for scale in scales), scales
     with pytest.raises(ValueError, match="batch_size"):
         train(tiny(dataset_dir, tmp_path / "b", steps=4, batch_size=16, resume=str(first)))
 
@@ -209,14 +214,24 @@ def test_config_file_then_overrides(tmp_path) -> None:
         build_config(path, [], data="d", out="o")
     with pytest.raises(ValueError, match="max_docs_per_query"):
         build_config(None, ["max_docs_per_query=0"], data="d", out="o")
+    with pytest.raises(ValueError, match="init_logit_scale"):
+        build_config(None, ["init_logit_scale=150", "max_logit_scale=100"], data="d", out="o")
+    with pytest.raises(ValueError, match="loss_normalization"):
+        build_config(None, ["loss_normalization=tokens"], data="d", out="o")
 
 
-@pytest.mark.parametrize("chunk_size", [None, 5])
-def test_the_step_weights_the_document_fields_as_configured(tmp_path, chunk_size) -> None:
+@pytest.mark.parametrize(
+    "chunk_size, normalization", [(None, "pairs"), (5, "pairs"), (None, "weights"), (5, "weights")]
+)
+def test_the_step_weights_the_document_fields_as_configured(
+    tmp_path, chunk_size, normalization
+) -> None:
     # Unequal gammas (title 0.8, image 0.2): the step's loss is the multi-field definition's with
-    # the fields in that order, with and without gradient caching, and not the reversed one's.
+    # the fields in that order, with and without gradient caching, and not the reversed one's;
+    # normalised by the sum of weights, it is the weighted mean sum_i w_i l_i / sum_i w_i.
     config = TrainConfig(data="unused", out=str(tmp_path), batch_size=12, chunk_size=chunk_size,
-                         doc_gamma=[0.8, 0.2], device="cpu").validate()  # fmt: skip
+                         doc_gamma=[0.8, 0.2], loss_normalization=normalization,
+                         device="cpu").validate()  # fmt: skip
     torch.manual_seed(0)
     bundle = create_model(TINY_MODEL)
     model = bundle.model.eval()  # (no dropout: the two computations see the same network)
@@ -239,6 +254,8 @@ def test_the_step_weights_the_document_fields_as_configured(tmp_path, chunk_size
         query = model.encode_text(batch["query_tokens"])
         title, image = model.encode_text(batch["title_tokens"]), model.encode_image(batch["images"])
         weights = gcl_ops.score_to_weight(batch["scores"], config.weight_kind, s_max=config.s_max)
+        if normalization == "weights":
+            weights = weights * len(weights) / weights.sum()
 
         def expected(gamma):
             return definition.multi_field_loss(
