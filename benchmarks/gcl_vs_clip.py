@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, hardware  # noqa: E402
 
-from reference_trainer.config import build_config  # noqa: E402
+from reference_trainer.config import TrainConfig, build_config  # noqa: E402
 from reference_trainer.evaluate import METRICS, evaluate_model  # noqa: E402
-from reference_trainer.marqo import SPLITS, open_dataset  # noqa: E402
+from reference_trainer.marqo import SPLITS, MarqoGS, open_dataset  # noqa: E402
 from reference_trainer.model import load_trained  # noqa: E402
 from reference_trainer.synthetic import make_synthetic  # noqa: E402
 from reference_trainer.train import train  # noqa: E402
@@ -112,10 +112,7 @@ def main() -> None:
                 weight_kind=kind, seed=seed, steps=args.steps, batch_size=args.batch_size,
                 lr=args.lr, warmup_steps=max(1, args.steps // 10), progress=False,
             )  # fmt: skip
-            checkpoint = train(config)
-            results = evaluate_model(
-                load_trained(checkpoint), dataset, max_queries=args.max_queries, progress=False
-            )
+            results = train_and_evaluate(config, dataset, args.max_queries)
             seconds = time.perf_counter() - started
             for split in SPLITS:
                 for metric in METRICS:
@@ -141,6 +138,16 @@ def main() -> None:
     (out / f"{args.tag}.json").write_text(json.dumps(meta, indent=2))
     plot(summary, args.kinds, out / f"{args.tag}.png", args)
     print_table(summary, args.kinds)
+
+
+def train_and_evaluate(
+    config: TrainConfig, dataset: MarqoGS, max_queries: int
+) -> dict[str, dict[str, float]]:
+    """Train one run and evaluate its final checkpoint: ``{split: {metric: value}}``."""
+    checkpoint = train(config)
+    return evaluate_model(
+        load_trained(checkpoint), dataset, max_queries=max_queries, progress=False
+    )
 
 
 def summarise(rows: list[dict]) -> list[dict]:

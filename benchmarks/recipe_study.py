@@ -1,0 +1,223 @@
+"""The recipe study: which training settings decide whether GCL's weights beat the CLIP loss.
+
+``recipe_study.yaml`` holds the synthetic dataset's options, the base trainer settings and the
+recipes (each the base plus its changes). Every recipe is trained for each weight kind and seed
+on one dataset, its final checkpoint evaluated on the four splits; each recipe's rows are saved as
+soon as it finishes, so a rerun skips the recipes already done::
+
+    python benchmarks/recipe_study.py                          # every recipe not yet run
+    python benchmarks/recipe_study.py --only base shuffled     # some of them (e.g. two lanes
+    python benchmarks/recipe_study.py --only batch_256 --threads 1   # of one thread each)
+    python benchmarks/recipe_study.py --report                 # table and plot, no training
+
+Results: ``results/recipe_study/<recipe>.csv`` (one row per kind, seed, split, metric),
+``results/recipe_study.csv`` (mean and std per recipe, kind, split, metric),
+``results/recipe_study.md`` (the table), ``results/recipe_study.png`` and
+``results/recipe_study.json`` (the settings and the hardware).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, hardware  # noqa: E402
+from gcl_vs_clip import summarise, train_and_evaluate  # noqa: E402
+
+from reference_trainer.config import build_config  # noqa: E402
+from reference_trainer.evaluate import METRICS  # noqa: E402
+from reference_trainer.marqo import SPLITS, open_dataset  # noqa: E402
+from reference_trainer.synthetic import make_synthetic  # noqa: E402
+
+STUDY = Path(__file__).resolve().parent / "recipe_study.yaml"
+RECIPE_KEYS = ("kinds", "constant_from")  # a recipe's keys that are not trainer settings
+TABLE_METRICS = ("NDCG@10", "mERR")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default=str(STUDY), help="the study file (default: %(default)s)")
+    parser.add_argument("--only", nargs="+", help="run these recipes only (default: all)")
+    parser.add_argument("--data", default="runs/recipe_study/data",
+                        help="the dataset, generated there if missing (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--work", default="runs/recipe_study", help="run directories")
+    parser.add_argument("--out", default=str(RESULTS), help="results directory")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--report", action="store_true", help="table and plot only")
+    args = parser.parse_args()
+    study = yaml.safe_load(Path(args.study).read_text())
+    recipes: dict[str, dict] = study["recipes"]
+    unknown = sorted(set(args.only or ()) - set(recipes))
+    if unknown:
+        parser.error(f"no such recipe: {', '.join(unknown)} (the study has {', '.join(recipes)})")
+    out = Path(args.out)
+    rows_dir = out / "recipe_study"
+    if not args.report:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        data = ensure_dataset(Path(args.data), study["synthetic"])
+        for name in args.only or recipes:
+            if (rows_dir / f"{name}.csv").exists():
+                print(f"{name}: done before, skipped")
+                continue
+            run_recipe(name, study, data, Path(args.work) / name, rows_dir)
+    report(study, rows_dir, out)
+
+
+def ensure_dataset(path: Path, options: dict) -> Path:
+    """The study's dataset at ``path``: generated (seed 0) when missing, written beside it first
+    and renamed, so that concurrent lanes never read half a dataset."""
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        make_synthetic(partial, layout="huggingface", seed=0, **options)
+        partial.rename(path)
+    return path
+
+
+def recipe_settings(study: dict, name: str) -> tuple[dict, list[str]]:
+    """A recipe's trainer settings (the base, then its changes) and its weight kinds."""
+    recipe = study["recipes"][name] or {}
+    settings = {**study["base"], **{k: v for k, v in recipe.items() if k not in RECIPE_KEYS}}
+    return settings, list(recipe.get("kinds", study["kinds"]))
+
+
+def run_recipe(name: str, study: dict, data: Path, work: Path, rows_dir: Path) -> None:
+    settings, kinds = recipe_settings(study, name)
+    dataset = open_dataset(data)
+    rows = []
+    for kind in kinds:
+        for seed in range(study["seeds"]):
+            started = time.perf_counter()
+            shutil.rmtree(work / f"{kind}_{seed}", ignore_errors=True)
+            config = build_config(
+                None, [], **settings, data=str(data), out=str(work / f"{kind}_{seed}"),
+                weight_kind=kind, seed=seed, progress=False,
+            )  # fmt: skip
+            results = train_and_evaluate(config, dataset, max_queries=2000)
+            rows += [
+                {"recipe": name, "kind": kind, "seed": seed, "split": split, "metric": metric,
+                 "value": results[split][metric]}
+                for split in SPLITS for metric in METRICS
+            ]  # fmt: skip
+            ndcg = "  ".join(f"{s}: {results[s]['NDCG@10']:.4f}" for s in SPLITS)
+            print(f"{name} {kind} seed {seed}: NDCG@10  {ndcg}  "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    partial = rows_dir / f"{name}.csv.partial"
+    with partial.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.rename(rows_dir / f"{name}.csv")
+
+
+def load_rows(study: dict, rows_dir: Path) -> dict[str, list[dict]]:
+    """Each finished recipe's rows, the constant rows borrowed where a recipe says so."""
+    rows: dict[str, list[dict]] = {}
+    for name in study["recipes"]:
+        path = rows_dir / f"{name}.csv"
+        if path.exists():
+            with path.open() as f:
+                rows[name] = [{**r, "value": float(r["value"])} for r in csv.DictReader(f)]
+    for name, recipe in study["recipes"].items():
+        source = (recipe or {}).get("constant_from")
+        if name in rows and source in rows:
+            rows[name] += [r for r in rows[source] if r["kind"] == "constant"]
+    return rows
+
+
+def report(study: dict, rows_dir: Path, out: Path) -> None:
+    rows = load_rows(study, rows_dir)
+    if not rows:
+        print("no recipe has been run yet")
+        return
+    summary = [
+        {"recipe": name, **cell} for name, recipe_rows in rows.items()
+        for cell in summarise(recipe_rows)
+    ]  # fmt: skip
+    with (out / "recipe_study.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    table = markdown_table(summary, list(rows))
+    (out / "recipe_study.md").write_text(table)
+    print(table)
+    settings = {name: recipe_settings(study, name)[0] for name in rows}
+    meta = {"study": study, "settings": settings, "hardware": hardware()}
+    (out / "recipe_study.json").write_text(json.dumps(meta, indent=2))
+    plot(summary, list(rows), out / "recipe_study.png", study)
+
+
+def markdown_table(summary: list[dict], recipes: list[str]) -> str:
+    """Per recipe and split: constant -> inverse (mean +- std), NDCG@10 then ERR."""
+    cell = {(s["recipe"], s["kind"], s["split"], s["metric"]): s for s in summary}
+    lines = []
+    for metric in TABLE_METRICS:
+        lines += [f"\n{metric}: constant (CLIP) -> inverse (GCL), mean +- std over seeds\n",
+                  "| recipe | " + " | ".join(SPLITS) + " |",
+                  "| --- |" + " --- |" * len(SPLITS)]  # fmt: skip
+        for name in recipes:
+            parts = []
+            for split in SPLITS:
+                clip, gcl = (
+                    cell.get((name, "constant", split, metric)),
+                    cell.get((name, "inverse", split, metric)),
+                )
+                text = " -> ".join(
+                    f"{c['mean']:.3f} +- {c['std']:.3f}" for c in (clip, gcl) if c is not None
+                )
+                if clip is not None and gcl is not None:
+                    text += f" ({gcl['mean'] - clip['mean']:+.3f})"
+                parts.append(text)
+            lines.append(f"| {name} | " + " | ".join(parts) + " |")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def plot(summary: list[dict], recipes: list[str], png: Path, study: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cell = {(s["recipe"], s["kind"], s["split"], s["metric"]): s for s in summary}
+    kinds = list(dict.fromkeys(s["kind"] for s in summary))
+    fig, axes = plt.subplots(len(TABLE_METRICS), len(SPLITS), figsize=(18, 7), sharey="row")
+    width = 0.8 / len(kinds)
+    for row, metric in enumerate(TABLE_METRICS):
+        for column, split in enumerate(SPLITS):
+            ax = axes[row][column]
+            for i, kind in enumerate(kinds):
+                found = [
+                    (x, cell.get((name, kind, split, metric))) for x, name in enumerate(recipes)
+                ]
+                found = [(x, c) for x, c in found if c is not None]
+                ax.bar([x + i * width for x, _ in found], [c["mean"] for _, c in found], width,
+                       yerr=[c["std"] for _, c in found], capsize=2, label=kind)  # fmt: skip
+            ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(recipes))])
+            ax.set_xticklabels(recipes, rotation=40, ha="right", fontsize=8)
+            ax.set_title(f"{split}: {metric}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="weights", loc="center right")
+    base = study["base"]
+    fig.suptitle(f"Recipe study: CLIP loss (constant) vs GCL (inverse), {base['model']}, synthetic "
+                 f"data, base {base['steps']} steps x {base['batch_size']}, mean +- std over "
+                 f"{study['seeds']} seeds")  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 0.94, 1))
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
