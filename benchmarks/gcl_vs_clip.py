@@ -2,13 +2,13 @@
 pairs by their graded relevance (GCL) beat the CLIP loss (constant weights)?
 
 For each score-to-weight kind (``constant`` = CLIP, ``inverse``, ``piecewise``) and each seed, train
-the tiny open_clip model with the same budget (steps, batch, schedule), evaluate the four splits
-(NDCG@10, ERR, RBP) and write every row, the mean and spread per kind, and a plot:
+the tiny open_clip model with the same recipe (the demo's config file: steps, batch, schedule),
+evaluate the four splits and write every row, the mean and spread per kind, and a plot:
 
     python benchmarks/gcl_vs_clip.py                      # 3 kinds x 3 seeds, ~20 min on 2 cores
     python benchmarks/gcl_vs_clip.py --seeds 5 --steps 600
     python benchmarks/gcl_vs_clip.py --batch-size 256 --set chunk_size=64 --tag b256 \
-        --synthetic docs_per_query=100          # one recipe of a study, on a harder dataset
+        --synthetic docs_per_query=24           # another recipe, on an easier dataset
 
 Results: ``benchmarks/results/gcl_vs_clip.csv`` (one row per kind, seed, split, metric),
 ``gcl_vs_clip_summary.csv`` (mean, std), ``gcl_vs_clip.json`` (settings and hardware),
@@ -40,6 +40,7 @@ from reference_trainer.synthetic import make_synthetic  # noqa: E402
 from reference_trainer.train import train  # noqa: E402
 
 KINDS = ("constant", "inverse", "piecewise")
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "reference_trainer" / "configs" / "tiny.yaml"
 
 
 def main() -> None:
@@ -49,10 +50,11 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per kind (default 3)")
     parser.add_argument(
-        "--steps", type=int, default=300, help="training steps per run (default 300)"
+        "--config", default=str(DEMO_CONFIG), help="trainer config file (default: %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="pairs per step (default 64)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
+    parser.add_argument("--batch-size", type=int, help="pairs per step (default: the config's)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the config's)")
     parser.add_argument("--data", help="existing dataset directory (default: generate one, seed 0)")
     parser.add_argument(
         "--max-queries", type=int, default=2000, help="evaluation queries per split"
@@ -68,10 +70,10 @@ def main() -> None:
     parser.add_argument(
         "--synthetic",
         nargs="+",
-        default=[],
+        default=["docs_per_query=100"],
         metavar="KEY=VALUE",
         help="make_synthetic options for the generated dataset "
-        "(e.g. docs_per_query=100 noise=1.0 query_id_dtype=int64)",
+        "(default: %(default)s; e.g. noise=1.0 query_id_dtype=int64)",
     )
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     parser.add_argument("--tag", default="gcl_vs_clip", help="file name stem of the results")
@@ -84,11 +86,10 @@ def main() -> None:
                 {**row, "mean": float(row["mean"]), "std": float(row["std"])}
                 for row in csv.DictReader(f)
             ]
-        args.seeds = int(summary[0]["seeds"])
-        settings = json.loads((Path(args.out) / f"{args.tag}.json").read_text())["settings"]
-        args.steps, args.batch_size = settings["steps"], settings["batch_size"]
+        trainer = json.loads((Path(args.out) / f"{args.tag}.json").read_text())["trainer"]
         kinds = list(dict.fromkeys(row["kind"] for row in summary))
-        plot(summary, kinds, Path(args.out) / f"{args.tag}.png", args)
+        recipe = (trainer["steps"], trainer["batch_size"], int(summary[0]["seeds"]))
+        plot(summary, kinds, Path(args.out) / f"{args.tag}.png", *recipe)
         print_table(summary, kinds)
         return
 
@@ -108,9 +109,9 @@ def main() -> None:
         for seed in range(args.seeds):
             started = time.perf_counter()
             config = build_config(
-                None, args.set, data=str(data), out=str(work / f"{kind}_{seed}"),
+                args.config, args.set, data=str(data), out=str(work / f"{kind}_{seed}"),
                 weight_kind=kind, seed=seed, steps=args.steps, batch_size=args.batch_size,
-                lr=args.lr, warmup_steps=max(1, args.steps // 10), progress=False,
+                lr=args.lr, checkpoint_every=0, progress=False,
             )  # fmt: skip
             results = train_and_evaluate(config, dataset, args.max_queries)
             seconds = time.perf_counter() - started
@@ -136,7 +137,7 @@ def main() -> None:
     meta = {"settings": settings, "data": dataset.describe(), "hardware": hardware(),
             "trainer": {k: v for k, v in config.to_dict().items() if k not in ("data", "out", "seed", "weight_kind")}}  # fmt: skip
     (out / f"{args.tag}.json").write_text(json.dumps(meta, indent=2))
-    plot(summary, args.kinds, out / f"{args.tag}.png", args)
+    plot(summary, args.kinds, out / f"{args.tag}.png", config.steps, config.batch_size, args.seeds)
     print_table(summary, args.kinds)
 
 
@@ -173,7 +174,9 @@ def print_table(summary: list[dict], kinds: list[str]) -> None:
             )
 
 
-def plot(summary: list[dict], kinds: list[str], png: Path, args: argparse.Namespace) -> None:
+def plot(
+    summary: list[dict], kinds: list[str], png: Path, steps: int, batch_size: int, seeds: int
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,8 +198,8 @@ def plot(summary: list[dict], kinds: list[str], png: Path, args: argparse.Namesp
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, title="weights", loc="center right")
-    fig.suptitle(f"GCL weights vs CLIP loss (constant), synthetic data, tiny model, {args.steps} steps x "
-                 f"{args.batch_size}, mean +- std over {args.seeds} seeds")  # fmt: skip
+    fig.suptitle(f"GCL weights vs CLIP loss (constant), synthetic data, tiny model, {steps} steps x "
+                 f"{batch_size}, mean +- std over {seeds} seeds")  # fmt: skip
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -35,13 +35,15 @@ from common import RESULTS, hardware  # noqa: E402
 from gcl_vs_clip import summarise, train_and_evaluate  # noqa: E402
 
 from reference_trainer.config import build_config  # noqa: E402
-from reference_trainer.evaluate import METRICS  # noqa: E402
+from reference_trainer.evaluate import METRICS, evaluate_model  # noqa: E402
 from reference_trainer.marqo import SPLITS, open_dataset  # noqa: E402
+from reference_trainer.model import create_model  # noqa: E402
 from reference_trainer.synthetic import make_synthetic  # noqa: E402
 
 STUDY = Path(__file__).resolve().parent / "recipe_study.yaml"
 RECIPE_KEYS = ("kinds", "constant_from")  # a recipe's keys that are not trainer settings
 TABLE_METRICS = ("NDCG@10", "mERR")
+UNTRAINED = "untrained"  # the reference row: the base model at its random initialisation
 
 
 def main() -> None:
@@ -66,6 +68,8 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         data = ensure_dataset(Path(args.data), study["synthetic"])
+        if not (rows_dir / f"{UNTRAINED}.csv").exists():
+            save_rows(evaluate_untrained(study, data), rows_dir / f"{UNTRAINED}.csv")
         for name in args.only or recipes:
             if (rows_dir / f"{name}.csv").exists():
                 print(f"{name}: done before, skipped")
@@ -113,19 +117,41 @@ def run_recipe(name: str, study: dict, data: Path, work: Path, rows_dir: Path) -
             ndcg = "  ".join(f"{s}: {results[s]['NDCG@10']:.4f}" for s in SPLITS)
             print(f"{name} {kind} seed {seed}: NDCG@10  {ndcg}  "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
-    rows_dir.mkdir(parents=True, exist_ok=True)
-    partial = rows_dir / f"{name}.csv.partial"
+    save_rows(rows, rows_dir / f"{name}.csv")
+
+
+def evaluate_untrained(study: dict, data: Path) -> list[dict]:
+    """The base model at its random initialisation, per seed: what training starts from (query
+    and title share words, so even a random text tower ranks above chance)."""
+    dataset = open_dataset(data)
+    rows = []
+    for seed in range(study["seeds"]):
+        torch.manual_seed(seed)
+        results = evaluate_model(create_model(study["base"]["model"]), dataset, max_queries=2000,
+                                 progress=False)  # fmt: skip
+        rows += [
+            {"recipe": UNTRAINED, "kind": UNTRAINED, "seed": seed, "split": split,
+             "metric": metric, "value": results[split][metric]}
+            for split in SPLITS for metric in METRICS
+        ]  # fmt: skip
+    return rows
+
+
+def save_rows(rows: list[dict], path: Path) -> None:
+    """Write the rows at once (a partial file, then a rename): a killed run leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
     with partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    partial.rename(rows_dir / f"{name}.csv")
+    partial.rename(path)
 
 
 def load_rows(study: dict, rows_dir: Path) -> dict[str, list[dict]]:
     """Each finished recipe's rows, the constant rows borrowed where a recipe says so."""
     rows: dict[str, list[dict]] = {}
-    for name in study["recipes"]:
+    for name in [UNTRAINED, *study["recipes"]]:
         path = rows_dir / f"{name}.csv"
         if path.exists():
             with path.open() as f:
@@ -153,7 +179,7 @@ def report(study: dict, rows_dir: Path, out: Path) -> None:
     table = markdown_table(summary, list(rows))
     (out / "recipe_study.md").write_text(table)
     print(table)
-    settings = {name: recipe_settings(study, name)[0] for name in rows}
+    settings = {name: recipe_settings(study, name)[0] for name in rows if name != UNTRAINED}
     meta = {"study": study, "settings": settings, "hardware": hardware()}
     (out / "recipe_study.json").write_text(json.dumps(meta, indent=2))
     plot(summary, list(rows), out / "recipe_study.png", study)
@@ -164,7 +190,8 @@ def markdown_table(summary: list[dict], recipes: list[str]) -> str:
     cell = {(s["recipe"], s["kind"], s["split"], s["metric"]): s for s in summary}
     lines = []
     for metric in TABLE_METRICS:
-        lines += [f"\n{metric}: constant (CLIP) -> inverse (GCL), mean +- std over seeds\n",
+        lines += [f"\n{metric}: constant (CLIP) -> inverse (GCL) (difference), mean +- std over "
+                  "seeds; untrained: the model before training\n",
                   "| recipe | " + " | ".join(SPLITS) + " |",
                   "| --- |" + " --- |" * len(SPLITS)]  # fmt: skip
         for name in recipes:
@@ -174,8 +201,9 @@ def markdown_table(summary: list[dict], recipes: list[str]) -> str:
                     cell.get((name, "constant", split, metric)),
                     cell.get((name, "inverse", split, metric)),
                 )
+                shown = (clip, gcl) if name != UNTRAINED else (cell[name, name, split, metric],)
                 text = " -> ".join(
-                    f"{c['mean']:.3f} +- {c['std']:.3f}" for c in (clip, gcl) if c is not None
+                    f"{c['mean']:.3f} +- {c['std']:.3f}" for c in shown if c is not None
                 )
                 if clip is not None and gcl is not None:
                     text += f" ({gcl['mean'] - clip['mean']:+.3f})"

@@ -61,6 +61,9 @@ def test_a_tiny_study_end_to_end(recipe_study, tmp_path, monkeypatch, capsys) ->
     }
     with (out / "recipe_study" / "weighted.csv").open() as f:
         assert {r["kind"] for r in csv.DictReader(f)} == {"inverse"}
+    with (out / "recipe_study" / "untrained.csv").open() as f:
+        untrained = list(csv.DictReader(f))
+    assert {(r["kind"], r["seed"]) for r in untrained} == {("untrained", "0"), ("untrained", "1")}
 
     # The summary: means over the seeds; "weighted" carries base's constant rows.
     with (out / "recipe_study.csv").open() as f:
@@ -82,6 +85,9 @@ def test_a_tiny_study_end_to_end(recipe_study, tmp_path, monkeypatch, capsys) ->
     gcl = float(summary["base", "inverse", "novel_query", "NDCG@10"]["mean"])
     base_line = next(line for line in table.splitlines() if line.startswith("| base |"))
     assert f"({gcl - clip:+.3f})" in base_line.split("|")[3]
+    untrained_line = next(line for line in table.splitlines() if line.startswith("| untrained |"))
+    mean = float(summary["untrained", "untrained", "in_domain", "NDCG@10"]["mean"])
+    assert f"{mean:.3f}" in untrained_line.split("|")[2]
     assert (out / "recipe_study.png").stat().st_size > 0
 
     # A rerun trains nothing: each recipe's rows are kept.
