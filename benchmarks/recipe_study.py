@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
+import gcl_ops
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, hardware  # noqa: E402
@@ -44,6 +46,7 @@ STUDY = Path(__file__).resolve().parent / "recipe_study.yaml"
 RECIPE_KEYS = ("kinds", "constant_from")  # a recipe's keys that are not trainer settings
 TABLE_METRICS = ("NDCG@10", "mERR")
 UNTRAINED = "untrained"  # the reference row: the base model at its random initialisation
+KIND_ORDER = (UNTRAINED, *gcl_ops.WEIGHT_KINDS)
 
 
 def main() -> None:
@@ -71,10 +74,7 @@ def main() -> None:
         if not (rows_dir / f"{UNTRAINED}.csv").exists():
             save_rows(evaluate_untrained(study, data), rows_dir / f"{UNTRAINED}.csv")
         for name in args.only or recipes:
-            if (rows_dir / f"{name}.csv").exists():
-                print(f"{name}: done before, skipped")
-                continue
-            run_recipe(name, study, data, Path(args.work) / name, rows_dir)
+            run_recipe(name, study, data, Path(args.work) / name, rows_dir / f"{name}.csv")
     report(study, rows_dir, out)
 
 
@@ -96,28 +96,40 @@ def recipe_settings(study: dict, name: str) -> tuple[dict, list[str]]:
     return settings, list(recipe.get("kinds", study["kinds"]))
 
 
-def run_recipe(name: str, study: dict, data: Path, work: Path, rows_dir: Path) -> None:
+def run_recipe(name: str, study: dict, data: Path, work: Path, rows_file: Path) -> None:
+    """Train and evaluate the recipe's runs (kind, seed) that ``rows_file`` does not hold yet,
+    saving the rows after each."""
     settings, kinds = recipe_settings(study, name)
+    rows = read_rows(rows_file) if rows_file.exists() else []
+    done = {(row["kind"], int(row["seed"])) for row in rows}
+    missing = [(kind, seed) for kind in kinds for seed in range(study["seeds"])
+               if (kind, seed) not in done]  # fmt: skip
+    if not missing:
+        print(f"{name}: done before, skipped")
+        return
     dataset = open_dataset(data)
-    rows = []
-    for kind in kinds:
-        for seed in range(study["seeds"]):
-            started = time.perf_counter()
-            shutil.rmtree(work / f"{kind}_{seed}", ignore_errors=True)
-            config = build_config(
-                None, [], **settings, data=str(data), out=str(work / f"{kind}_{seed}"),
-                weight_kind=kind, seed=seed, progress=False,
-            )  # fmt: skip
-            results = train_and_evaluate(config, dataset, max_queries=2000)
-            rows += [
-                {"recipe": name, "kind": kind, "seed": seed, "split": split, "metric": metric,
-                 "value": results[split][metric]}
-                for split in SPLITS for metric in METRICS
-            ]  # fmt: skip
-            ndcg = "  ".join(f"{s}: {results[s]['NDCG@10']:.4f}" for s in SPLITS)
-            print(f"{name} {kind} seed {seed}: NDCG@10  {ndcg}  "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
-    save_rows(rows, rows_dir / f"{name}.csv")
+    for kind, seed in missing:
+        started = time.perf_counter()
+        shutil.rmtree(work / f"{kind}_{seed}", ignore_errors=True)
+        config = build_config(
+            None, [], **settings, data=str(data), out=str(work / f"{kind}_{seed}"),
+            weight_kind=kind, seed=seed, progress=False,
+        )  # fmt: skip
+        results = train_and_evaluate(config, dataset, max_queries=2000)
+        rows += [
+            {"recipe": name, "kind": kind, "seed": seed, "split": split, "metric": metric,
+             "value": results[split][metric]}
+            for split in SPLITS for metric in METRICS
+        ]  # fmt: skip
+        ndcg = "  ".join(f"{s}: {results[s]['NDCG@10']:.4f}" for s in SPLITS)
+        print(f"{name} {kind} seed {seed}: NDCG@10  {ndcg}  "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+        save_rows(rows, rows_file)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [{**row, "value": float(row["value"])} for row in csv.DictReader(f)]
 
 
 def evaluate_untrained(study: dict, data: Path) -> list[dict]:
@@ -154,8 +166,7 @@ def load_rows(study: dict, rows_dir: Path) -> dict[str, list[dict]]:
     for name in [UNTRAINED, *study["recipes"]]:
         path = rows_dir / f"{name}.csv"
         if path.exists():
-            with path.open() as f:
-                rows[name] = [{**r, "value": float(r["value"])} for r in csv.DictReader(f)]
+            rows[name] = read_rows(path)
     for name, recipe in study["recipes"].items():
         source = (recipe or {}).get("constant_from")
         if name in rows and source in rows:
@@ -186,29 +197,28 @@ def report(study: dict, rows_dir: Path, out: Path) -> None:
 
 
 def markdown_table(summary: list[dict], recipes: list[str]) -> str:
-    """Per recipe and split: constant -> inverse (mean +- std), NDCG@10 then ERR."""
+    """A row per recipe and weighting, a column per split: mean +- std over the seeds and, for
+    the GCL weightings, the difference to the same recipe's CLIP loss (constant weights)."""
     cell = {(s["recipe"], s["kind"], s["split"], s["metric"]): s for s in summary}
     lines = []
     for metric in TABLE_METRICS:
-        lines += [f"\n{metric}: constant (CLIP) -> inverse (GCL) (difference), mean +- std over "
-                  "seeds; untrained: the model before training\n",
-                  "| recipe | " + " | ".join(SPLITS) + " |",
-                  "| --- |" + " --- |" * len(SPLITS)]  # fmt: skip
+        lines += [f"\n{metric}, mean +- std over the seeds (difference to the recipe's CLIP loss); "
+                  "untrained: the model before training\n",
+                  "| recipe | weights | " + " | ".join(SPLITS) + " |",
+                  "| --- | --- |" + " --- |" * len(SPLITS)]  # fmt: skip
         for name in recipes:
-            parts = []
-            for split in SPLITS:
-                clip, gcl = (
-                    cell.get((name, "constant", split, metric)),
-                    cell.get((name, "inverse", split, metric)),
-                )
-                shown = (clip, gcl) if name != UNTRAINED else (cell[name, name, split, metric],)
-                text = " -> ".join(
-                    f"{c['mean']:.3f} +- {c['std']:.3f}" for c in shown if c is not None
-                )
-                if clip is not None and gcl is not None:
-                    text += f" ({gcl['mean'] - clip['mean']:+.3f})"
-                parts.append(text)
-            lines.append(f"| {name} | " + " | ".join(parts) + " |")
+            for kind in [k for k in KIND_ORDER if (name, k, SPLITS[0], metric) in cell]:
+                parts = []
+                for split in SPLITS:
+                    value, clip = (
+                        cell[name, kind, split, metric],
+                        cell.get((name, "constant", split, metric)),
+                    )
+                    text = f"{value['mean']:.3f} +- {value['std']:.3f}"
+                    if kind not in ("constant", UNTRAINED) and clip is not None:
+                        text += f" ({value['mean'] - clip['mean']:+.3f})"
+                    parts.append(text)
+                lines.append(f"| {name} | {kind} | " + " | ".join(parts) + " |")
     return "\n".join(lines).lstrip() + "\n"
 
 
@@ -219,7 +229,7 @@ def plot(summary: list[dict], recipes: list[str], png: Path, study: dict) -> Non
     import matplotlib.pyplot as plt
 
     cell = {(s["recipe"], s["kind"], s["split"], s["metric"]): s for s in summary}
-    kinds = list(dict.fromkeys(s["kind"] for s in summary))
+    kinds = [kind for kind in KIND_ORDER if any(s["kind"] == kind for s in summary)]
     fig, axes = plt.subplots(len(TABLE_METRICS), len(SPLITS), figsize=(18, 7), sharey="row")
     width = 0.8 / len(kinds)
     for row, metric in enumerate(TABLE_METRICS):

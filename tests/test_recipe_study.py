@@ -83,11 +83,12 @@ def test_a_tiny_study_end_to_end(recipe_study, tmp_path, monkeypatch, capsys) ->
     table = (out / "recipe_study.md").read_text()
     clip = float(summary["base", "constant", "novel_query", "NDCG@10"]["mean"])
     gcl = float(summary["base", "inverse", "novel_query", "NDCG@10"]["mean"])
-    base_line = next(line for line in table.splitlines() if line.startswith("| base |"))
-    assert f"({gcl - clip:+.3f})" in base_line.split("|")[3]
-    untrained_line = next(line for line in table.splitlines() if line.startswith("| untrained |"))
+    lines = table.splitlines()
+    base_line = next(line for line in lines if line.startswith("| base | inverse |"))
+    assert f"({gcl - clip:+.3f})" in base_line.split("|")[4]  # the novel_query column
+    untrained_line = next(line for line in lines if line.startswith("| untrained | untrained |"))
     mean = float(summary["untrained", "untrained", "in_domain", "NDCG@10"]["mean"])
-    assert f"{mean:.3f}" in untrained_line.split("|")[2]
+    assert untrained_line.split("|")[3].strip().startswith(f"{mean:.3f} +- ")
     assert (out / "recipe_study.png").stat().st_size > 0
 
     # A rerun trains nothing: each recipe's rows are kept.
@@ -96,6 +97,18 @@ def test_a_tiny_study_end_to_end(recipe_study, tmp_path, monkeypatch, capsys) ->
     run(recipe_study, monkeypatch, *paths)
     assert "base: done before, skipped" in capsys.readouterr().out
     assert (out / "recipe_study" / "base.csv").stat().st_mtime_ns == before
+
+    # Another kind for a recipe: only its runs are trained, the rows before are kept.
+    study["recipes"]["base"] = {"kinds": ["constant", "inverse", "piecewise"]}
+    study_file.write_text(yaml.safe_dump(study))
+    run(recipe_study, monkeypatch, *paths)
+    with (out / "recipe_study" / "base.csv").open() as f:
+        extended = list(csv.DictReader(f))
+    assert extended[: len(base_rows)] == base_rows
+    assert {(r["kind"], r["seed"]) for r in extended[len(base_rows) :]} == {
+        ("piecewise", "0"),
+        ("piecewise", "1"),
+    }
 
     with pytest.raises(SystemExit):
         run(recipe_study, monkeypatch, *paths, "--only", "nonesuch")
