@@ -185,17 +185,10 @@ def plot(
     cell = {(s["kind"], s["split"], s["metric"]): s for s in summary}
     metrics = ("NDCG@10", "mERR", "mRBP9")
     fig, axes = plt.subplots(1, len(metrics), figsize=(15, 3.8))
-    width = 0.8 / len(kinds)
     for ax, metric in zip(axes, metrics):
-        for i, kind in enumerate(kinds):
-            values = [cell[kind, split, metric] for split in SPLITS]
-            ax.bar([x + i * width for x in range(len(SPLITS))], [v["mean"] for v in values], width,
-                   yerr=[v["std"] for v in values], capsize=3, label=kind)  # fmt: skip
-        ax.set_xticks(
-            [x + width * (len(kinds) - 1) / 2 for x in range(len(SPLITS))], SPLITS, fontsize=8
-        )
+        series = {kind: [cell[kind, split, metric] for split in SPLITS] for kind in kinds}
+        grouped_bars(ax, list(SPLITS), series)
         ax.set_title(metric)
-        ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, title="weights", loc="center right")
     fig.suptitle(f"GCL weights vs CLIP loss (constant), synthetic data, tiny model, {steps} steps x "
@@ -203,6 +196,19 @@ def plot(
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def grouped_bars(ax, groups: list[str], series: dict[str, list[dict | None]], rotation=0) -> None:
+    """A bar group per name in ``groups``, in it a bar per series (its ``mean``, an error bar of
+    its ``std``); a None leaves that bar out."""
+    width = 0.8 / len(series)
+    for i, (label, cells) in enumerate(series.items()):
+        found = [(x, c) for x, c in enumerate(cells) if c is not None]
+        ax.bar([x + i * width for x, _ in found], [c["mean"] for _, c in found], width,
+               yerr=[c["std"] for _, c in found], capsize=2, label=label)  # fmt: skip
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(groups))])
+    ax.set_xticklabels(groups, rotation=rotation, ha="right" if rotation else "center", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import gcl_ops
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, hardware  # noqa: E402
-from gcl_vs_clip import summarise, train_and_evaluate  # noqa: E402
+from gcl_vs_clip import grouped_bars, summarise, train_and_evaluate  # noqa: E402
 
 from reference_trainer.config import build_config  # noqa: E402
 from reference_trainer.evaluate import METRICS, evaluate_model  # noqa: E402
@@ -231,25 +231,17 @@ def plot(summary: list[dict], recipes: list[str], png: Path, study: dict) -> Non
     cell = {(s["recipe"], s["kind"], s["split"], s["metric"]): s for s in summary}
     kinds = [kind for kind in KIND_ORDER if any(s["kind"] == kind for s in summary)]
     fig, axes = plt.subplots(len(TABLE_METRICS), len(SPLITS), figsize=(18, 7), sharey="row")
-    width = 0.8 / len(kinds)
     for row, metric in enumerate(TABLE_METRICS):
         for column, split in enumerate(SPLITS):
-            ax = axes[row][column]
-            for i, kind in enumerate(kinds):
-                found = [
-                    (x, cell.get((name, kind, split, metric))) for x, name in enumerate(recipes)
-                ]
-                found = [(x, c) for x, c in found if c is not None]
-                ax.bar([x + i * width for x, _ in found], [c["mean"] for _, c in found], width,
-                       yerr=[c["std"] for _, c in found], capsize=2, label=kind)  # fmt: skip
-            ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(recipes))])
-            ax.set_xticklabels(recipes, rotation=40, ha="right", fontsize=8)
-            ax.set_title(f"{split}: {metric}", fontsize=10)
-            ax.grid(axis="y", alpha=0.3)
+            series = {
+                kind: [cell.get((name, kind, split, metric)) for name in recipes] for kind in kinds
+            }
+            grouped_bars(axes[row][column], recipes, series, rotation=40)
+            axes[row][column].set_title(f"{split}: {metric}", fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, title="weights", loc="center right")
     base = study["base"]
-    fig.suptitle(f"Recipe study: CLIP loss (constant) vs GCL (inverse), {base['model']}, synthetic "
+    fig.suptitle(f"Recipe study: the CLIP loss (constant) vs GCL weights, {base['model']}, synthetic "
                  f"data, base {base['steps']} steps x {base['batch_size']}, mean +- std over "
                  f"{study['seeds']} seeds")  # fmt: skip
     fig.tight_layout(rect=(0, 0, 0.94, 1))

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reference_trainer.config import build_config
 from reference_trainer.evaluate import METRICS
 from reference_trainer.marqo import SPLITS
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,17 @@ def test_a_tiny_study_end_to_end(recipe_study, tmp_path, monkeypatch, capsys) ->
     with pytest.raises(SystemExit):
         run(recipe_study, monkeypatch, *paths, "--only", "nonesuch")
     assert "no such recipe: nonesuch" in capsys.readouterr().err
+
+
+def test_the_demo_trains_the_study_winner(recipe_study) -> None:
+    # The demo's config is the winning recipe (its settings and a GCL weighting it was run with),
+    # and the demo's dataset is the study's.
+    study = yaml.safe_load((BENCHMARKS / "recipe_study.yaml").read_text())
+    settings, kinds = recipe_study.recipe_settings(study, study["winner"])
+    demo = build_config(ROOT / "reference_trainer" / "configs" / "tiny.yaml", [], data="d", out="o")
+    assert {key: getattr(demo, key) for key in settings} == settings
+    assert demo.weight_kind in kinds and demo.weight_kind != "constant"
+    demo_script = (ROOT / "scripts" / "demo.sh").read_text()
+    make_synthetic = next(line for line in demo_script.splitlines() if "make-synthetic" in line)
+    for key, value in study["synthetic"].items():
+        assert f"{key}={value}" in make_synthetic.split(), key
