@@ -2,7 +2,7 @@
 # The main job, on the tiny model and a CPU: make a synthetic MarqoGS-10M-shaped dataset, train
 # multi-field GCL on it, evaluate the four splits (the paper's Table 4 layout), then the loss
 # checked against its float64 definition and a short loss benchmark. Everything goes to
-# runs/demo/ (DEMO_DIR overrides it). About 3-5 minutes on 2 cores after the first install.
+# runs/demo/ (DEMO_DIR overrides it). About 3.5 minutes on 2 cores after the first install.
 source "$(dirname "$0")/env.sh"
 work="${DEMO_DIR:-runs/demo}"
 rm -rf "$work"
