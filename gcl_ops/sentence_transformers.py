@@ -28,6 +28,7 @@ Shapes: ``N`` pairs per batch (per rank), ``k`` the embedding width.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -52,6 +53,7 @@ __all__ = ["CachedGCLLoss", "GCLLoss", "duplicate_ids"]
 WeightsFrom = Literal["score", "weight", "none"]
 
 _WEIGHTS_FROM = ("score", "weight", "none")
+SMALL_SCORE_FRACTION = 0.1  # scores all below this share of s_max make inverse-type weights ~1
 
 GCL_CITATION = """
 @misc{zhu2024generalized,
@@ -223,6 +225,7 @@ class _GCLLossBase(nn.Module):
         self.impl = impl
         self.learnable_scale = learnable_scale
         self.max_scale = float(max_scale)
+        self._warned_small_scores = False
         if learnable_scale:
             self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         else:
@@ -294,7 +297,29 @@ class _GCLLossBase(nn.Module):
             )
         if self.weights_from == "weight":
             return labels if labels.is_floating_point() else labels.to(torch.get_default_dtype())
-        return score_to_weight(labels, self.weight_kind, s_max=self.s_max)  # type: ignore[arg-type]
+        weights = score_to_weight(labels, self.weight_kind, s_max=self.s_max)  # type: ignore[arg-type]
+        self._warn_if_scores_do_not_fit(labels, weights)
+        return weights
+
+    def _warn_if_scores_do_not_fit(self, scores: Tensor, weights: Tensor) -> None:
+        """Warn once when every score of a batch lies in the bottom tenth of ``(0, s_max]``: the
+        inverse-type weights are then nearly equal (scores in (0, 1] with ``s_max=100`` give
+        0.99-1.0), a silently unweighted loss. ``linear`` weights keep the scores' ratios."""
+        if self._warned_small_scores or self.weight_kind in ("constant", "linear"):
+            return
+        top = float(scores.max()) if scores.numel() else self.s_max
+        if top > SMALL_SCORE_FRACTION * self.s_max:
+            return
+        self._warned_small_scores = True
+        warnings.warn(
+            f"every score of a batch is at most {top:g}, under {SMALL_SCORE_FRACTION:.0%} of "
+            f"s_max={self.s_max:g}, so the {self.weight_kind} weights lie within "
+            f"{float(weights.min()):.3g}..{float(weights.max()):.3g}: nearly the unweighted loss. "
+            "Pass s_max = the largest score your data can have (e.g. s_max=1.0 for scores in "
+            "(0, 1]).",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def batch_ids(self, features: Sequence[dict[str, Any]]) -> tuple[Tensor | None, Tensor | None]:
         """``(query_ids, doc_ids)``, each ``(N,)``, from the token ids (or ``(None, None)`` without

@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -537,3 +538,21 @@ def test_errors(model_dir) -> None:
 def test_import_gcl_ops_does_not_import_sentence_transformers() -> None:
     code = "import sys, gcl_ops; sys.exit('sentence_transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_scores_far_below_s_max_warn_once(model_dir) -> None:
+    # Scores in (0, 1] with s_max=100: inverse weights 100 / (101 - s) all lie in [0.99, 1.0].
+    model = load_model(model_dir)
+    scores = torch.tensor([0.2, 0.5, 1.0, 0.9], dtype=torch.float64)
+    loss = GCLLoss(model, weight_kind="inverse", s_max=100.0)
+    with pytest.warns(UserWarning, match=r"s_max=100") as record:
+        weights = loss.pair_weights(scores, 4)
+    assert len(record) == 1
+    assert float(weights.max() - weights.min()) < 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per loss
+        loss.pair_weights(scores, 4)
+        # Scores on the scale of s_max, and linear weights (which keep the ratios), do not warn.
+        GCLLoss(model, weight_kind="inverse", s_max=1.0).pair_weights(scores, 4)
+        GCLLoss(model, weight_kind="linear", s_max=100.0).pair_weights(scores, 4)
+        GCLLoss(model, weight_kind="inverse").pair_weights(scores * 100, 4)
