@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -115,10 +116,7 @@ def main() -> None:
             )  # fmt: skip
             results = train_and_evaluate(config, dataset, args.max_queries)
             seconds = time.perf_counter() - started
-            for split in SPLITS:
-                for metric in METRICS:
-                    rows.append({"kind": kind, "seed": seed, "split": split, "metric": metric,
-                                 "value": results[split][metric]})  # fmt: skip
+            rows += result_rows(results, kind=kind, seed=seed)
             summary = "  ".join(f"{s}: {results[s]['NDCG@10']:.4f}" for s in SPLITS)
             print(f"{kind:>10} seed {seed}: NDCG@10  {summary}  ({seconds:.0f} s)", flush=True)
 
@@ -149,6 +147,15 @@ def train_and_evaluate(
     return evaluate_model(
         load_trained(checkpoint), dataset, max_queries=max_queries, progress=False
     )
+
+
+def result_rows(results: dict[str, dict[str, float]], **labels: Any) -> list[dict]:
+    """One row per split and metric of one run's ``{split: {metric: value}}``, after ``labels``
+    (e.g. ``kind``, ``seed``): the long format of the results CSVs."""
+    return [
+        {**labels, "split": split, "metric": metric, "value": results[split][metric]}
+        for split in SPLITS for metric in METRICS
+    ]  # fmt: skip
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -34,10 +34,10 @@ import gcl_ops
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, hardware  # noqa: E402
-from gcl_vs_clip import grouped_bars, summarise, train_and_evaluate  # noqa: E402
+from gcl_vs_clip import grouped_bars, result_rows, summarise, train_and_evaluate  # noqa: E402
 
 from reference_trainer.config import build_config  # noqa: E402
-from reference_trainer.evaluate import METRICS, evaluate_model  # noqa: E402
+from reference_trainer.evaluate import evaluate_model  # noqa: E402
 from reference_trainer.marqo import SPLITS, open_dataset  # noqa: E402
 from reference_trainer.model import create_model  # noqa: E402
 from reference_trainer.synthetic import make_synthetic  # noqa: E402
@@ -116,11 +116,7 @@ def run_recipe(name: str, study: dict, data: Path, work: Path, rows_file: Path) 
             weight_kind=kind, seed=seed, progress=False,
         )  # fmt: skip
         results = train_and_evaluate(config, dataset, max_queries=2000)
-        rows += [
-            {"recipe": name, "kind": kind, "seed": seed, "split": split, "metric": metric,
-             "value": results[split][metric]}
-            for split in SPLITS for metric in METRICS
-        ]  # fmt: skip
+        rows += result_rows(results, recipe=name, kind=kind, seed=seed)
         ndcg = "  ".join(f"{s}: {results[s]['NDCG@10']:.4f}" for s in SPLITS)
         print(f"{name} {kind} seed {seed}: NDCG@10  {ndcg}  "
               f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
@@ -141,11 +137,7 @@ def evaluate_untrained(study: dict, data: Path) -> list[dict]:
         torch.manual_seed(seed)
         results = evaluate_model(create_model(study["base"]["model"]), dataset, max_queries=2000,
                                  progress=False)  # fmt: skip
-        rows += [
-            {"recipe": UNTRAINED, "kind": UNTRAINED, "seed": seed, "split": split,
-             "metric": metric, "value": results[split][metric]}
-            for split in SPLITS for metric in METRICS
-        ]  # fmt: skip
+        rows += result_rows(results, recipe=UNTRAINED, kind=UNTRAINED, seed=seed)
     return rows
 
 
