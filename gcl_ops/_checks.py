@@ -15,7 +15,7 @@ import math
 import torch
 
 IMPLS = ("auto", "triton", "torch")
-REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "weighted_mean", "none")
 
 
 def should_validate(validate: bool) -> bool:
@@ -91,6 +91,51 @@ def check_ids(ids: torch.Tensor | None, n: int, name: str) -> None:
         raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(ids.shape)}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+
+
+def check_negatives(
+    negatives: torch.Tensor | None,
+    negative_ids: torch.Tensor | None,
+    doc: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    name: str = "negatives",
+) -> torch.Tensor | None:
+    """Hard negatives ``(H, k)`` or ``(N, h, k)`` of ``doc``'s width, dtype and device, with
+    ``(H,)`` integer ``negative_ids`` (only beside ``doc_ids``); returns them as ``(H, k)``."""
+    if negatives is None:
+        if negative_ids is not None:
+            raise ValueError(f"negative_ids were given without {name}")
+        return None
+    if not isinstance(negatives, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(negatives).__name__}")
+    n, k = doc.shape
+    if negatives.dim() == 3:
+        if negatives.shape[0] != n:
+            raise ValueError(
+                f"{name} of shape (N, h, k) must have N = {n} rows like the documents, got "
+                f"{tuple(negatives.shape)}"
+            )
+        negatives = negatives.reshape(-1, negatives.shape[-1])
+    if negatives.dim() != 2:
+        raise ValueError(
+            f"{name} must have shape (H, k) or (N, h, k), got {tuple(negatives.shape)}"
+        )
+    check_embeddings(negatives, name, width=k)
+    if negatives.dtype != doc.dtype:
+        raise TypeError(f"{name} must have the documents' dtype {doc.dtype}, got {negatives.dtype}")
+    if negatives.device != doc.device:
+        raise ValueError(
+            f"{name} must be on the documents' device {doc.device}, got {negatives.device}"
+        )
+    if negative_ids is not None:
+        if doc_ids is None:
+            raise ValueError(
+                "negative_ids are compared with doc_ids (a negative equal to a row's positive is "
+                "not its negative): pass doc_ids too"
+            )
+        check_ids(negative_ids, negatives.shape[0], "negative_ids")
+        check_same_device(negatives=negatives, negative_ids=negative_ids)
+    return negatives
 
 
 def check_logit_scale(logit_scale: float | torch.Tensor, validate: bool) -> None:

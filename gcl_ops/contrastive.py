@@ -59,7 +59,7 @@ from gcl_ops.autograd import (
 from gcl_ops.blockwise import SHIFT_HEADROOM, TINY_SUM
 from gcl_ops.distributed import distributed_gcl_loss
 from gcl_ops.launchers import MAX_TRITON_K
-from gcl_ops.reference import Reduction, naive_masked_lse, reduce_loss
+from gcl_ops.reference import Reduction, append_negatives, naive_masked_lse, reduce_loss
 
 __all__ = [
     "MAX_TRITON_K",
@@ -87,6 +87,8 @@ def gcl_loss(
     normalize: bool = True,
     impl: Impl = "auto",
     validate: bool = True,
+    negatives: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted bidirectional contrastive loss of GCL, without materialising the N x N matrix.
 
@@ -100,13 +102,21 @@ def gcl_loss(
         query_ids, doc_ids: ``(N,)`` integer ids, or None. An off-diagonal pair ``(i, j)`` with
             ``query_ids[i] == query_ids[j]`` or ``doc_ids[i] == doc_ids[j]`` is left out of both
             softmax denominators: it is another positive, not a negative.
-        reduction: ``"mean"`` (default, the paper's ``1/2N``), ``"sum"`` or ``"none"`` (``(N,)``
-            per-pair losses ``-w_i/2 * (log P_row[i, i] + log P_col[i, i])``).
+        reduction: ``"mean"`` (default, the paper's ``1/2N``), ``"sum"``, ``"weighted_mean"``
+            (``sum_i w_i l_i / sum_i w_i``: the unweighted loss's scale, ``docs/CONTRACT.md``
+            section 1) or ``"none"`` (``(N,)`` per-pair losses
+            ``-w_i/2 * (log P_row[i, i] + log P_col[i, i])``).
         normalize: L2-normalise the embeddings first (default True; idempotent on unit vectors).
         impl: ``"auto"`` (default: the fused Triton kernels for CUDA tensors of fp16/bf16, and
             fp32 where TF32 is allowed, with ``k <= 1024``; the blocked PyTorch path otherwise),
             ``"triton"`` or ``"torch"``.
         validate: check values (NaN, negative weights, zero rows, scale); one device sync.
+        negatives: hard negatives, ``(H, k)`` or ``(N, h, k)`` (flattened), in ``doc``'s dtype
+            and device: extra documents in *every* query's row softmax, in no column softmax
+            (sentence-transformers' MNRL convention; ``docs/CONTRACT.md`` section 1.1).
+        negative_ids: ``(H,)`` integer ids of the negatives in the id space of ``doc_ids`` (which
+            must be given): negative ``j`` is not a negative of row ``i`` when
+            ``negative_ids[j] == doc_ids[i]`` (a mined false negative).
 
     Returns:
         A scalar in the statistics' dtype (fp64 for fp64 inputs on the PyTorch path, else fp32),
@@ -114,17 +124,23 @@ def gcl_loss(
 
     Equivalent PyTorch::
 
-        z = logit_scale * F.normalize(query) @ F.normalize(doc).T
-        loss = -(w * (z.log_softmax(1).diag() + z.log_softmax(0).diag())).mean() / 2
+        z = logit_scale * F.normalize(query) @ F.normalize(torch.cat([doc, negatives])).T
+        loss = -(w * (z.log_softmax(1).diag() + z[:, :N].log_softmax(0).diag())).mean() / 2
     """
-    _check_loss_inputs(
-        query, doc, weights, logit_scale, query_ids, doc_ids, reduction, normalize, validate
+    negatives = _check_loss_inputs(
+        query, doc, weights, logit_scale, query_ids, doc_ids, reduction, normalize, validate,
+        negatives, negative_ids,
+    )  # fmt: skip
+    n = query.shape[0]
+    columns, column_query_ids, column_doc_ids = append_negatives(
+        doc, negatives, query_ids, doc_ids, negative_ids
     )
     neg_row, neg_col, positive_logits = gcl_stats(
-        query, doc, logit_scale, query_ids=query_ids, doc_ids=doc_ids, normalize=normalize,
-        impl=impl,
+        query, columns, logit_scale, query_ids=column_query_ids, doc_ids=column_doc_ids,
+        normalize=normalize, impl=impl,
     )  # fmt: skip
-    return reduce_loss(per_pair_loss(neg_row, neg_col, positive_logits, weights), reduction)
+    per_pair = per_pair_loss(neg_row, neg_col[:n], positive_logits, weights)
+    return reduce_loss(per_pair, reduction, weights)
 
 
 def gcl_loss_from_logits(
@@ -174,7 +190,9 @@ def gcl_loss_from_logits(
         z = logits.to(_compute_dtype(logits))
         neg_row, neg_col = naive_masked_lse(z, query_ids, doc_ids)
         positive_logits = z.diagonal()
-    return reduce_loss(per_pair_loss(neg_row, neg_col, positive_logits, weights), reduction)
+    return reduce_loss(
+        per_pair_loss(neg_row, neg_col, positive_logits, weights), reduction, weights
+    )
 
 
 class GCLLoss(nn.Module):
@@ -182,7 +200,8 @@ class GCLLoss(nn.Module):
 
     ``forward(image_features, text_features, logit_scale, weights=None, output_dict=False)``
     treats ``image_features`` as the row side (queries) and ``text_features`` as the column side
-    (documents); the loss is symmetric in the two when no ids are given. With ``weights=None`` it
+    (documents); the loss is symmetric in the two when no ids are given. The keywords
+    ``query_ids``, ``doc_ids``, ``negatives`` and ``negative_ids`` are those of ``gcl_loss``. With ``weights=None`` it
     equals ``ClipLoss`` on the same features and scale.
 
     open_clip passes features that are already unit-norm. With the default ``normalize=True`` the
@@ -191,7 +210,7 @@ class GCLLoss(nn.Module):
     ``normalize=False`` to match ``ClipLoss`` also in the gradient w.r.t. the features themselves.
 
     Args:
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (default), ``"sum"``, ``"weighted_mean"`` or ``"none"``.
         normalize: L2-normalise the features first (default True).
         impl: backend, as in ``gcl_loss``.
         validate: run value checks (one device sync per call).
@@ -228,10 +247,13 @@ class GCLLoss(nn.Module):
         *,
         query_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+        negative_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         options = dict(
             query_ids=query_ids, doc_ids=doc_ids, reduction=self.reduction,
             normalize=self.normalize, impl=self.impl, validate=self.validate,
+            negatives=negatives, negative_ids=negative_ids,
         )  # fmt: skip
         if self.distributed:
             loss = distributed_gcl_loss(

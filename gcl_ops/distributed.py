@@ -6,6 +6,7 @@ loss is the single-process loss of the global batch:
 
 * the documents are all-gathered *with gradient* (``torch.distributed.nn.functional.all_gather``,
   whose backward sums every rank's contribution into the owner's gradient), the ids without;
+* hard negatives, if any, are all-gathered with gradient too and appended to the columns;
 * each rank computes its local query rows against all ``N`` documents with the rectangular fused
   kernel (``offset = r * N_local``): the row statistics of its queries are exact, and each
   document column gets a *partial* log-sum-exp over this rank's rows;
@@ -17,7 +18,8 @@ the documents (``N x k``) and ``N`` statistics.
 
 Scale. DDP *averages* gradients over ranks. So that this average is the gradient of the
 single-process loss, each rank returns its share of the global reduction times ``W``: for
-``"mean"`` that is the mean over the local pairs, for ``"sum"`` ``W`` times the local sum. The
+``"mean"`` that is the mean over the local pairs, for ``"sum"`` ``W`` times the local sum, for
+``"weighted_mean"`` ``W`` times the local weighted sum over the global weight sum. The
 mean of the returned values over ranks is the single-process loss, and the gradients a rank
 computes for its own embeddings (and ``logit_scale``) are ``W`` times the single-process ones
 until DDP divides by ``W``. Without DDP (a hand-written all-reduce of gradients), divide by ``W``
@@ -31,7 +33,7 @@ import torch.distributed as dist
 
 from gcl_ops import _checks
 from gcl_ops.autograd import Impl, _check_loss_inputs, gcl_stats, per_pair_loss
-from gcl_ops.reference import Reduction, reduce_loss
+from gcl_ops.reference import Reduction, append_negatives, reduce_loss
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -103,14 +105,15 @@ class _MergeLSE(torch.autograd.Function):
         return grad_merged * weights
 
 
-def check_equal_sizes(n_local: int, device: torch.device, group) -> None:
-    """Raise ``ValueError`` unless every rank holds ``n_local`` pairs (no-op on one process)."""
+def check_equal_sizes(n_local: int, device: torch.device, group, what: str = "pairs") -> None:
+    """Raise ``ValueError`` unless every rank holds ``n_local`` pairs (or other rows, ``what``);
+    a no-op on one process."""
     if world_size(group) == 1:
         return
     sizes = gather_no_grad(torch.tensor([n_local], device=device), group)
     if bool((sizes != n_local).any()):
         raise ValueError(
-            f"every rank must hold the same number of pairs, got {sizes.tolist()} across ranks"
+            f"every rank must hold the same number of {what}, got {sizes.tolist()} across ranks"
         )
 
 
@@ -126,6 +129,8 @@ def distributed_gcl_loss(
     normalize: bool = True,
     impl: Impl = "auto",
     validate: bool = True,
+    negatives: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """The GCL loss of the global batch, called on every rank with that rank's pairs.
@@ -137,34 +142,59 @@ def distributed_gcl_loss(
         query_ids, doc_ids: ``(N_local,)`` this rank's ids; duplicates are masked across the
             whole global batch.
         reduction, normalize, impl, validate: as in ``gcl_loss``.
+        negatives, negative_ids: this rank's hard negatives ``(H_local, k)`` (or
+            ``(N_local, h, k)``) and their ids, as in ``gcl_loss``, the same ``H_local`` on every
+            rank; every rank's are gathered with gradient and join every query's row softmax.
         group: the process group (default: the world).
 
     Returns:
         ``"mean"``: the mean of the local pairs' losses (computed with global statistics);
-        ``"sum"``: ``W`` times their sum; ``"none"``: the ``(N_local,)`` per-pair losses. The
+        ``"sum"``: ``W`` times their sum; ``"weighted_mean"``: ``W`` times the local pairs'
+        weighted sum over the global sum of the weights; ``"none"``: the ``(N_local,)``
+        per-pair losses. The
         mean over ranks equals the single-process loss, and DDP's gradient averaging then gives
         exactly the single-process gradients (module docstring). Without an initialised process
         group this is ``gcl_loss``.
 
     Equivalent PyTorch: ``gcl_loss`` on the concatenation of every rank's batch.
     """
-    _check_loss_inputs(
-        query, doc, weights, logit_scale, query_ids, doc_ids, reduction, normalize, validate
-    )
+    negatives = _check_loss_inputs(
+        query, doc, weights, logit_scale, query_ids, doc_ids, reduction, normalize, validate,
+        negatives, negative_ids,
+    )  # fmt: skip
     n_local, size = query.shape[0], world_size(group)
     if size > 1 and _checks.should_validate(validate):
         check_equal_sizes(n_local, query.device, group)
+        if negatives is not None:
+            check_equal_sizes(negatives.shape[0], query.device, group, "hard negatives")
     offset = rank(group) * n_local
     all_docs = gather_with_grad(doc, group)
-    all_query_ids = None if query_ids is None else gather_no_grad(query_ids, group)
-    all_doc_ids = None if doc_ids is None else gather_no_grad(doc_ids, group)
+    n_global = all_docs.shape[0]
+    columns, column_query_ids, column_doc_ids = append_negatives(
+        all_docs,
+        None if negatives is None else gather_with_grad(negatives, group),
+        None if query_ids is None else gather_no_grad(query_ids, group),
+        None if doc_ids is None else gather_no_grad(doc_ids, group),
+        None if negative_ids is None else gather_no_grad(negative_ids, group),
+    )
     neg_row, partial_neg_col, positive_logits = gcl_stats(
-        query, all_docs, logit_scale, query_ids=all_query_ids, doc_ids=all_doc_ids,
+        query, columns, logit_scale, query_ids=column_query_ids, doc_ids=column_doc_ids,
         offset=offset, normalize=normalize, impl=impl,
     )  # fmt: skip
-    partials = gather_with_grad(partial_neg_col.unsqueeze(0), group)  # (W, N)
+    # Only the documents' columns have a softmax; negatives' column statistics are unused.
+    partials = gather_with_grad(partial_neg_col[:n_global].unsqueeze(0), group)  # (W, N)
     neg_col = _MergeLSE.apply(partials)[offset : offset + n_local]
     per_pair = per_pair_loss(neg_row, neg_col, positive_logits, weights)
     if reduction == "none":
         return per_pair
-    return reduce_loss(per_pair, reduction) * (size if reduction == "sum" else 1)
+    weight_sum = None
+    if reduction == "weighted_mean":
+        local_sum = (
+            torch.tensor(float(n_local), dtype=per_pair.dtype, device=per_pair.device)
+            if weights is None
+            else weights.to(per_pair.dtype).sum()
+        )
+        weight_sum = gather_with_grad(local_sum.reshape(1), group).sum()
+    return reduce_loss(per_pair, reduction, weights, weight_sum) * (
+        1 if reduction == "mean" else size
+    )

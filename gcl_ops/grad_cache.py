@@ -112,12 +112,14 @@ def cached_step(
 
     Args:
         encoders: one callable per field (query text, document title, document image, ...),
-            mapping that field's inputs to ``(B, k)`` embeddings. The same module may serve
+            mapping that field's inputs to ``(rows, k)`` embeddings. The same module may serve
             several fields (``lambda x: model.encode_text(x)``).
-        inputs: one batch per field, each with ``B`` rows: a tensor, a mapping of tensors, a
-            tuple/list of tensors, or a plain sequence (``split_batch``).
-        loss_fn: the loss of the whole batch from the list of ``(B, k)`` embeddings (one per
-            field), e.g. ``lambda e: criterion([e[0]], e[1:], model.logit_scale.exp(), w)``.
+        inputs: one batch per field: a tensor, a mapping of tensors, a tuple/list of tensors, or
+            a plain sequence (``split_batch``). Fields may differ in rows: hard negatives are a
+            field of their own, ``H`` rows beside the ``B`` pairs, embedded in chunks like them.
+        loss_fn: the loss of the whole batch from the list of embeddings (one per field), e.g.
+            ``lambda e: criterion([e[0]], e[1:], model.logit_scale.exp(), w)``, or with a field
+            of hard negatives ``lambda e: gcl_loss(e[0], e[1], w, t, negatives=e[2])``.
             Its own parameters get their gradient from this call.
         chunk_size: rows per encoder call, one for all fields or one per field.
         scaler: a ``torch.amp.GradScaler`` for fp16 training: the loss is scaled before its
@@ -140,9 +142,9 @@ def cached_step(
     sizes = [chunk_size] * len(encoders) if isinstance(chunk_size, int) else list(chunk_size)
     if len(sizes) != len(encoders) or any(not isinstance(s, int) or s < 1 for s in sizes):
         raise ValueError(f"chunk_size must be a positive int or one per field, got {chunk_size!r}")
-    batch = {_batch_size(x) for x in inputs}
-    if len(batch) != 1:
-        raise ValueError(f"every field must have the same batch size, got {sorted(batch)}")
+    empty = [index for index, x in enumerate(inputs) if _batch_size(x) == 0]
+    if empty:
+        raise ValueError(f"field {empty[0]} has no rows: every field needs at least one")
     devices = _cuda_devices(inputs)
 
     # Phase 1: embeddings without activations, and each chunk's random state.

@@ -80,6 +80,8 @@ def multi_field_gcl_loss(
     validate: bool = True,
     distributed: bool = False,
     group: object | None = None,
+    negatives: Sequence[torch.Tensor] | None = None,
+    negative_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-field GCL loss (paper Eq. 5): the averaged fields plus every field pair.
 
@@ -93,6 +95,10 @@ def multi_field_gcl_loss(
             False gives the paper's literal ``Z_avg = t * L_avg R_avg^T``.
         distributed, group: every term is the global-batch loss across ranks
             (``gcl_ops.distributed.distributed_gcl_loss``); each rank passes its own pairs.
+        negatives: hard negatives with the document-side fields: ``n`` tensors, one per ``rhs``
+            field, each ``(H, k)`` (or ``(N, h, k)``); the averaged term gets their field average,
+            the term of ``rhs[k]`` gets ``negatives[k]`` (``docs/CONTRACT.md`` sections 1.1, 5).
+        negative_ids: ``(H,)`` their ids, compared with ``doc_ids`` (as in ``gcl_loss``).
 
     Fields are normalised and averaged in fp32 (fp64 for fp64 inputs) and handed to the fused
     loss in their own dtype, so bf16 fields keep the bf16 kernels.
@@ -112,6 +118,19 @@ def multi_field_gcl_loss(
     gamma_r = _field_gammas(rhs_gamma, len(rhs), "rhs_gamma")
     _checks.check_weights(weights, lhs[0].shape[0], validate=False)  # shapes and types
     _checks.check_logit_scale(logit_scale, validate=False)
+    if negatives is not None:
+        if isinstance(negatives, torch.Tensor) or len(negatives) != len(rhs):
+            got = "a tensor" if isinstance(negatives, torch.Tensor) else f"{len(negatives)}"
+            raise ValueError(
+                f"negatives must be a sequence of one tensor per rhs field ({len(rhs)}), got {got}"
+            )
+        negatives = [
+            _checks.check_negatives(neg, negative_ids, field, doc_ids, f"negatives[{index}]")
+            for index, (neg, field) in enumerate(zip(negatives, rhs))
+        ]
+        _check_fields(negatives, "negatives", tuple(negatives[0].shape))
+    elif negative_ids is not None:
+        raise ValueError("negative_ids were given without negatives")
 
     field_dtype = functools.reduce(torch.promote_types, (f.dtype for f in (*lhs, *rhs)))
     work_dtype = torch.promote_types(field_dtype, torch.float32)
@@ -119,33 +138,51 @@ def multi_field_gcl_loss(
     rhs_hat = [F.normalize(field.to(work_dtype), dim=-1) for field in rhs]
     lhs_avg = weighted_field_average(lhs_hat, gamma_l)
     rhs_avg = weighted_field_average(rhs_hat, gamma_r)
+    neg_hat = neg_avg = None
+    if negatives is not None:
+        neg_hat = [F.normalize(field.to(work_dtype), dim=-1) for field in negatives]
+        neg_avg = weighted_field_average(neg_hat, gamma_r)
     if _checks.should_validate(validate):  # every value check of the call, one sync
-        named = [(f"{side}[{i}]", field, True) for side, fields in (("lhs", lhs), ("rhs", rhs))
+        sides = [("lhs", lhs), ("rhs", rhs), ("negatives", negatives or [])]
+        named = [(f"{side}[{i}]", field, True) for side, fields in sides
                  for i, field in enumerate(fields)]  # fmt: skip
         if renormalize:  # opposite fields can cancel: an average of zero norm has no direction
             named += [
                 ("the lhs field average", lhs_avg, True),
                 ("the rhs field average", rhs_avg, True),
             ]
+            if neg_avg is not None:
+                named.append(("the negatives' field average", neg_avg, True))
         _checks.check_all_values(named, weights, logit_scale)
         if distributed:
             check_equal_sizes(lhs[0].shape[0], lhs[0].device, group)
+            if negatives is not None:
+                check_equal_sizes(negatives[0].shape[0], lhs[0].device, group, "hard negatives")
 
     term = gcl_loss
     if distributed:
         term = functools.partial(distributed_gcl_loss, group=group)
-    common = dict(query_ids=query_ids, doc_ids=doc_ids, reduction=reduction, impl=impl)
+    common = dict(
+        query_ids=query_ids, doc_ids=doc_ids, negative_ids=negative_ids, reduction=reduction,
+        impl=impl,
+    )  # fmt: skip
 
-    def loss_of(left: torch.Tensor, right: torch.Tensor, **options) -> torch.Tensor:
+    def loss_of(
+        left: torch.Tensor, right: torch.Tensor, negative: torch.Tensor | None, **options
+    ) -> torch.Tensor:
+        if negative is not None:
+            negative = negative.to(field_dtype)
         return term(
-            left.to(field_dtype), right.to(field_dtype), weights, logit_scale, **options, **common
-        )
+            left.to(field_dtype), right.to(field_dtype), weights, logit_scale,
+            negatives=negative, **options, **common,
+        )  # fmt: skip
 
     # The values were checked above; each term still checks shapes, ids and devices.
-    loss = loss_of(lhs_avg, rhs_avg, normalize=renormalize, validate=False)
+    loss = loss_of(lhs_avg, rhs_avg, neg_avg, normalize=renormalize, validate=False)
     for left in lhs_hat:
-        for right in rhs_hat:
-            loss = loss + loss_of(left, right, normalize=False, validate=False)
+        for index, right in enumerate(rhs_hat):
+            negative = None if neg_hat is None else neg_hat[index]
+            loss = loss + loss_of(left, right, negative, normalize=False, validate=False)
     return loss
 
 
@@ -154,7 +191,8 @@ class MultiFieldGCLLoss(nn.Module):
 
     ``forward(lhs_features, rhs_features, logit_scale, weights=None, output_dict=False)`` takes
     sequences of field embeddings (e.g. ``[query_text]`` and ``[title_text, image]``) and returns
-    the loss or ``{"contrastive_loss": loss}``.
+    the loss or ``{"contrastive_loss": loss}``; the keywords ``query_ids``, ``doc_ids``,
+    ``negatives`` and ``negative_ids`` are those of ``multi_field_gcl_loss``.
 
     Args:
         lhs_gamma, rhs_gamma: field weights, default uniform.
@@ -193,6 +231,8 @@ class MultiFieldGCLLoss(nn.Module):
         *,
         query_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        negatives: Sequence[torch.Tensor] | None = None,
+        negative_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         loss = multi_field_gcl_loss(
             lhs_features,
@@ -209,5 +249,7 @@ class MultiFieldGCLLoss(nn.Module):
             validate=self.validate,
             distributed=self.distributed,
             group=self.group,
+            negatives=negatives,
+            negative_ids=negative_ids,
         )
         return {"contrastive_loss": loss} if output_dict else loss

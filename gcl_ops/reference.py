@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Reduction = Literal["mean", "sum", "none"]
+Reduction = Literal["mean", "sum", "weighted_mean", "none"]
 
 
 def excluded_pairs(
@@ -59,13 +59,75 @@ def _device_of(*tensors: torch.Tensor | None) -> torch.device:
     return next(t.device for t in tensors if t is not None)
 
 
-def reduce_loss(per_pair: torch.Tensor, reduction: Reduction) -> torch.Tensor:
-    """``"mean"`` (the paper's 1/2N), ``"sum"`` or ``"none"`` over the ``(N,)`` per-pair losses."""
+def reduce_loss(
+    per_pair: torch.Tensor,
+    reduction: Reduction,
+    weights: torch.Tensor | None = None,
+    weight_sum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``"mean"`` (the paper's 1/2N), ``"sum"``, ``"weighted_mean"`` or ``"none"`` over the
+    ``(N,)`` per-pair losses (already weighted). ``"weighted_mean"`` divides the sum by
+    ``weight_sum`` (default ``weights.sum()``; the batch size without weights), and gives 0 when
+    every weight is 0."""
     if reduction == "mean":
         return per_pair.mean()
     if reduction == "sum":
         return per_pair.sum()
+    if reduction == "weighted_mean":
+        if weight_sum is None:
+            weight_sum = (
+                torch.tensor(float(per_pair.numel()), dtype=per_pair.dtype, device=per_pair.device)
+                if weights is None
+                else weights.to(per_pair.dtype).sum()
+            )
+        # A zero sum means every term is 0: the clamp turns 0/0 into 0.
+        return per_pair.sum() / weight_sum.to(per_pair.dtype).clamp_min(
+            torch.finfo(per_pair.dtype).tiny
+        )
     return per_pair
+
+
+def append_negatives(
+    doc: torch.Tensor,
+    negatives: torch.Tensor | None,
+    query_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    negative_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The columns of a batch with hard negatives (``docs/CONTRACT.md`` section 1.1).
+
+    Args:
+        doc: ``(N, k)`` the pairs' documents (column ``i`` is row ``i``'s positive).
+        negatives: ``(H, k)`` or None (then everything is returned as it is).
+        query_ids, doc_ids: ``(N,)`` the pairs' ids, or None.
+        negative_ids: ``(H,)`` document ids of the negatives (``doc_ids`` must be given), or None.
+
+    Returns:
+        ``columns (N + H, k)`` = ``[doc; negatives]`` and their ``(N + H,)`` query and document
+        ids: a negative's query id is one no pair has (it has no query), and without
+        ``negative_ids`` its document id is one no pair has either. ``None`` stays None.
+
+    Equivalent PyTorch: ``torch.cat([doc, negatives])``, ``torch.cat([query_ids, absent])``,
+    ``torch.cat([doc_ids, negative_ids])``.
+    """
+    if negatives is None:
+        return doc, query_ids, doc_ids
+    count = negatives.shape[0]
+    columns = torch.cat([doc, negatives.to(doc.dtype)])
+    if query_ids is not None:
+        query_ids = torch.cat([query_ids.long(), _absent_id(query_ids).expand(count)])
+    if doc_ids is not None:
+        extra = _absent_id(doc_ids).expand(count) if negative_ids is None else negative_ids.long()
+        doc_ids = torch.cat([doc_ids.long(), extra])
+    return columns, query_ids, doc_ids
+
+
+def _absent_id(ids: torch.Tensor) -> torch.Tensor:
+    """A 0-dim int64 id that is not in ``ids``: one below the smallest (above the largest if
+    the smallest is int64's minimum), computed on the device."""
+    ids = ids.long()
+    smallest = ids.min()
+    return torch.where(smallest > torch.iinfo(torch.int64).min, smallest - 1, ids.max() + 1)
 
 
 def same_ids(
@@ -93,21 +155,23 @@ def naive_gcl_loss_from_logits(
     doc_ids: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """The GCL loss (paper Eq. 4) from a materialised ``(N, N)`` similarity matrix.
+    """The GCL loss (paper Eq. 4) from a materialised ``(N, M)`` similarity matrix.
 
-    ``logits[i, j]`` scores query ``i`` against document ``j``; pair ``i`` is ``(i, i)``.
-    Returns a scalar, or ``(N,)`` per-pair losses ``-w_i / 2 * (log P_row[i, i] + log P_col[i, i])``
-    for ``reduction="none"``. No input checks: this is the oracle, not the API.
+    ``logits[i, j]`` scores query ``i`` against column ``j``; pair ``i`` is ``(i, i)``; columns
+    ``N ..`` are hard negatives (in the row softmax only), with ids ``(M,)`` as
+    ``append_negatives`` gives them. Returns a scalar, or ``(N,)`` per-pair losses
+    ``-w_i / 2 * (log P_row[i, i] + log P_col[i, i])`` for ``reduction="none"``. No input checks:
+    this is the oracle, not the API.
     """
-    n = logits.shape[0]
+    n, m = logits.shape
     z = logits
-    excluded = excluded_pairs(query_ids, doc_ids, slice(0, n), 0, n)
+    excluded = excluded_pairs(query_ids, doc_ids, slice(0, n), 0, m)
     if excluded is not None:
         z = z.masked_fill(excluded, float("-inf"))
     log_p_row = torch.log_softmax(z, dim=1).diagonal()
-    log_p_col = torch.log_softmax(z, dim=0).diagonal()
+    log_p_col = torch.log_softmax(z[:, :n], dim=0).diagonal()
     w = torch.ones_like(log_p_row) if weights is None else weights.to(log_p_row.dtype)
-    return reduce_loss(-0.5 * w * (log_p_row + log_p_col), reduction)
+    return reduce_loss(-0.5 * w * (log_p_row + log_p_col), reduction, weights)
 
 
 def naive_gcl_loss(
@@ -120,13 +184,17 @@ def naive_gcl_loss(
     doc_ids: torch.Tensor | None = None,
     reduction: Reduction = "mean",
     normalize: bool = True,
+    negatives: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The GCL loss with ``Z = logit_scale * normalize(query) @ normalize(doc).T`` materialised.
 
-    Shapes: ``query``, ``doc`` ``(N, k)``; ``weights`` ``(N,)``. Computes everything in the
-    inputs' dtype, as a plain PyTorch user would: the naive baseline, with several ``N x N``
-    temporaries, and the "same low precision" yardstick of the tests.
+    Shapes: ``query``, ``doc`` ``(N, k)``; ``weights`` ``(N,)``; ``negatives`` ``(H, k)`` with
+    ``negative_ids`` ``(H,)``. Computes everything in the inputs' dtype, as a plain PyTorch user
+    would: the naive baseline, with several ``N x N`` temporaries, and the "same low precision"
+    yardstick of the tests.
     """
+    doc, query_ids, doc_ids = append_negatives(doc, negatives, query_ids, doc_ids, negative_ids)
     if normalize:
         query, doc = F.normalize(query, dim=-1), F.normalize(doc, dim=-1)
     logits = (logit_scale * query) @ doc.T

@@ -91,8 +91,9 @@ def loss_from_logits(
     """The loss of a square ``(N, N)`` matrix ``Z``, literally: log-softmax over each row and each
     column (duplicates set to ``-inf``), the diagonal, weighted, averaged with ``1/2N``.
 
-    ``reduction``: ``"mean"`` (the formula), ``"sum"`` (``N`` times it) or ``"none"`` (the ``(N,)``
-    per-pair terms ``-w_i / 2 (log P_row[i, i] + log P_col[i, i])``).
+    ``reduction``: ``"mean"`` (the formula), ``"sum"`` (``N`` times it), ``"weighted_mean"`` (the
+    weighted sum over the sum of the weights) or ``"none"`` (the ``(N,)`` per-pair terms
+    ``-w_i / 2 (log P_row[i, i] + log P_col[i, i])``).
     """
     z = logits.to(F64).cpu()
     n = z.shape[0]
@@ -106,6 +107,8 @@ def loss_from_logits(
         return per_pair.sum() / n
     if reduction == "sum":
         return per_pair.sum()
+    if reduction == "weighted_mean":
+        return per_pair.sum() / w.sum()
     if reduction == "none":
         return per_pair
     raise ValueError(f"unknown reduction {reduction!r}")
@@ -160,3 +163,65 @@ def multi_field_loss(
         for y in rhs_hat:
             total = total + loss(x, y, weights, scale, normalize=False, **ids)
     return total
+
+
+def loss_with_negatives(
+    query: torch.Tensor,
+    doc: torch.Tensor,
+    negatives: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    scale: torch.Tensor | float = 1.0,
+    *,
+    query_ids: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """The loss with hard negatives ``(H, k)``, literally: each query's row runs over the ``N``
+    documents and the ``H`` negatives, each document's column over the ``N`` queries; in-batch
+    duplicates as above, and negative ``j`` leaves row ``i`` when ``negative_ids[j] ==
+    doc_ids[i]``. ``"weighted_mean"`` divides the weighted sum by the sum of the weights."""
+    return loss_with_negatives_from_logits(
+        similarities(query, doc, scale, normalize),
+        similarities(query, negatives, scale, normalize),
+        weights,
+        query_ids=query_ids,
+        doc_ids=doc_ids,
+        negative_ids=negative_ids,
+        reduction=reduction,
+    )
+
+
+def loss_with_negatives_from_logits(
+    z_docs: torch.Tensor,
+    z_negatives: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    query_ids: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``loss_with_negatives`` from the ``(N, N)`` and ``(N, H)`` logits."""
+    z_docs, z_negatives = z_docs.to(F64).cpu(), z_negatives.to(F64).cpu()
+    n = z_docs.shape[0]
+    minus_inf = torch.tensor(float("-inf"), dtype=F64)
+    z_docs = torch.where(duplicates(n, n, query_ids, doc_ids), minus_inf, z_docs)
+    if negative_ids is not None:
+        false_negative = doc_ids.cpu()[:, None] == negative_ids.cpu()[None, :]
+        z_negatives = torch.where(false_negative, minus_inf, z_negatives)
+    diagonal = torch.arange(n)
+    log_p_row = torch.log_softmax(torch.cat([z_docs, z_negatives], dim=1), dim=1)[
+        diagonal, diagonal
+    ]
+    log_p_col = torch.log_softmax(z_docs, dim=0)[diagonal, diagonal]
+    w = torch.ones(n, dtype=F64) if weights is None else weights.to(F64).cpu()
+    per_pair = -0.5 * w * (log_p_row + log_p_col)
+    reductions = {
+        "mean": lambda: per_pair.sum() / n,
+        "sum": lambda: per_pair.sum(),
+        "weighted_mean": lambda: per_pair.sum() / w.sum(),
+        "none": lambda: per_pair,
+    }
+    return reductions[reduction]()

@@ -35,6 +35,13 @@ def global_batch(world: int, n_local: int, k: int = 12, fields: int = 2, seed: i
     return tensors, weights, query_ids, doc_ids, upstream
 
 
+def global_negatives(world: int, h_local: int, n: int, k: int = 12, seed: int = 1):
+    """Hard negatives ``(W * h_local, k)`` and their ids (some equal to a document id)."""
+    generator = torch.Generator().manual_seed(seed)
+    negatives = torch.randn(world * h_local, k, generator=generator, dtype=torch.float64)
+    return negatives, torch.randint(0, n, (world * h_local,), generator=generator)
+
+
 def _init(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
@@ -54,6 +61,12 @@ def loss_worker(rank: int, world: int, store: str, out: str, case: dict) -> None
         options = dict(
             query_ids=query_ids[rows], doc_ids=doc_ids[rows], reduction=reduction, impl=case["impl"]
         )
+        h_local = case.get("h_local")
+        if h_local:  # this rank's hard negatives, a leaf of their own
+            negatives, negative_ids = global_negatives(world, h_local, world * n_local)
+            own = slice(rank * h_local, (rank + 1) * h_local)
+            leaves.append(negatives[own].to(dtype).requires_grad_())
+            options.update(negatives=leaves[-1], negative_ids=negative_ids[own])
         if case["fields"] == 2:
             loss = distributed_gcl_loss(
                 leaves[0], leaves[1], weights[rows].to(dtype), scale, **options

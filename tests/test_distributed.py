@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_workers import TwoTowers, ddp_cached_step_worker, global_batch, loss_worker, run
+from distributed_workers import (
+    TwoTowers,
+    ddp_cached_step_worker,
+    global_batch,
+    global_negatives,
+    loss_worker,
+    run,
+)
 from params import DEVICE
 
 import gcl_ops
@@ -18,17 +25,48 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def single_process(world: int, n_local: int, fields: int, reduction: str, impl: str):
+def single_process(
+    world: int, n_local: int, fields: int, reduction: str, impl: str, h_local: int = 0
+):
     tensors, weights, query_ids, doc_ids, upstream = global_batch(world, n_local, fields=fields)
     leaves = [t.clone().requires_grad_() for t in tensors]
     scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
     options = dict(query_ids=query_ids, doc_ids=doc_ids, reduction=reduction, impl=impl)
+    if h_local:
+        negatives, negative_ids = global_negatives(world, h_local, world * n_local)
+        leaves.append(negatives.requires_grad_())
+        options.update(negatives=leaves[-1], negative_ids=negative_ids)
     if fields == 2:
         loss = gcl_ops.gcl_loss(leaves[0], leaves[1], weights, scale, **options)
     else:
         loss = gcl_ops.multi_field_gcl_loss(leaves[:1], leaves[1:], weights, scale, **options)
     loss.backward(upstream if reduction == "none" else None)
     return loss.detach(), [x.grad for x in leaves], scale.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("reduction", ["mean", "weighted_mean", "none"])
+def test_hard_negatives_equal_the_single_process_loss(tmp_path, world: int, reduction: str) -> None:
+    # Every rank's negatives are gathered with gradient: the loss, the gradients of the queries,
+    # documents and negatives (each rank its own), and of the scale are those of one process.
+    n_local, h_local = 4, 3
+    case = dict(n_local=n_local, reduction=reduction, fields=2, impl="torch", h_local=h_local)
+    ranks = run(loss_worker, world, tmp_path, case)
+    want_loss, want_grads, want_scale = single_process(
+        world, n_local, 2, reduction, "torch", h_local
+    )
+    if reduction == "none":
+        torch.testing.assert_close(torch.cat([r["loss"] for r in ranks]), want_loss)
+        scale = 1.0
+    else:
+        torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), want_loss)
+        scale = world
+    for leaf in range(3):
+        got = torch.cat([r["grads"][leaf] for r in ranks]) / scale
+        torch.testing.assert_close(got, want_grads[leaf], rtol=1e-9, atol=1e-12)
+    got_scale = sum(r["scale_grad"] for r in ranks) / scale
+    torch.testing.assert_close(got_scale, want_scale, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow

@@ -112,6 +112,48 @@ def test_cached_step_equals_full_batch_backprop(fields: int, chunk_size) -> None
         )
 
 
+@pytest.mark.parametrize("chunk_size", [8, (5, 7, 6)], ids=["one-size", "per-field"])
+def test_hard_negatives_field_equals_full_batch_backprop(chunk_size) -> None:
+    # Hard negatives are a field of their own (H = 2N rows, through the document tower), chunked
+    # like the documents; the loss takes them as gcl_loss's negatives, with ids.
+    batch, per_row = 16, 2
+    modules, logit_scale, inputs, weights, ids, parameters = make_setup(batch)
+    query_tower, doc_tower = modules[0], modules[1]
+    negative_tokens = torch.randint(0, 50, (batch * per_row, 9))
+    doc_ids = torch.arange(batch)
+    negative_ids = torch.randint(0, 2 * batch, (batch * per_row,))  # some equal a positive
+
+    def loss_fn(e):
+        return gcl_ops.gcl_loss(
+            e[0], e[1], weights, logit_scale.exp(), query_ids=ids, doc_ids=doc_ids,
+            negatives=e[2], negative_ids=negative_ids,
+        )  # fmt: skip
+
+    encoders = [query_tower, doc_tower, doc_tower]
+    fields = [inputs[0], inputs[1], negative_tokens]
+    sizes = [chunk_size] * 3 if isinstance(chunk_size, int) else list(chunk_size)
+    torch.manual_seed(5)
+    embeddings = [
+        torch.cat([encoder(chunk) for chunk in split_batch(x, size)])
+        for encoder, x, size in zip(encoders, fields, sizes)
+    ]
+    want_loss = loss_fn(embeddings)
+    want = torch.autograd.grad(want_loss, parameters, allow_unused=True)
+    torch.manual_seed(5)
+    got_loss = cached_step(encoders, fields, loss_fn, sizes)
+    torch.testing.assert_close(got_loss, want_loss.detach(), rtol=1e-6, atol=1e-7)
+    checked = 0
+    for parameter, expected in zip(parameters, want):
+        if expected is None:
+            assert parameter.grad is None
+            continue
+        torch.testing.assert_close(
+            parameter.grad, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())
+        )
+        checked += 1
+    assert checked == sum(1 for _ in query_tower.parameters()) * 2 + 1
+
+
 def test_dropout_replay_is_what_makes_them_equal(monkeypatch) -> None:
     # cached_step equals the reference because phase 3 replays each chunk's random state. With
     # the replay disabled it draws new dropout masks and its gradients differ: the equality in
@@ -196,8 +238,10 @@ def test_bad_arguments() -> None:
         cached_step(modules[:2], inputs[:1], loss, 4)
     with pytest.raises(ValueError, match="chunk_size"):
         cached_step(modules[:2], inputs[:2], loss, 0)
-    with pytest.raises(ValueError, match="same batch size"):
+    with pytest.raises(ValueError, match="doc has 5 rows, expected 8"):  # gcl_loss says so
         cached_step(modules[:2], [inputs[0], inputs[1][:5]], loss, 4)
+    with pytest.raises(ValueError, match="field 1 has no rows"):
+        cached_step(modules[:2], [inputs[0], inputs[1][:0]], loss, 4)
     with pytest.raises(ValueError, match="did not use"):
         cached_step(modules[:2], inputs[:2], lambda e: e[0].sum(), 4)
     frozen = TextTower().requires_grad_(False)

@@ -144,3 +144,65 @@ def test_triton_and_torch_paths_agree() -> None:
         results[impl] = [loss.detach(), *torch.autograd.grad(loss, leaves)]
     for got, want in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@given(
+    n=st.integers(1, 16),
+    h=st.integers(1, 20),
+    k=st.integers(2, 12),
+    r=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+    renormalize=st.booleans(),
+    reduction=st.sampled_from(["mean", "weighted_mean"]),
+    data=st.data(),
+)
+def test_hard_negatives_match_the_definition(n, h, k, r, seed, renormalize, reduction, data):
+    # Negatives carry the document-side fields: the averaged term gets their gamma-weighted
+    # average (re-normalised like the documents'), the term of rhs field j gets field j.
+    generator = torch.Generator().manual_seed(seed)
+
+    def field(rows: int) -> torch.Tensor:
+        return torch.randn(rows, k, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    lhs, rhs, negatives = [field(n)], [field(n) for _ in range(r)], [field(h) for _ in range(r)]
+    weights = torch.rand(n, generator=generator, dtype=torch.float64) * 10
+    doc_ids = torch.randint(0, n + 2, (n,), generator=generator)
+    negative_ids = torch.randint(0, n + 2, (h,), generator=generator)
+    scale = torch.tensor(data.draw(st.floats(1.0, 50.0)), dtype=torch.float64, requires_grad=True)
+    rhs_gamma = data.draw(gammas(r))
+    ids = dict(doc_ids=doc_ids, negative_ids=negative_ids)
+
+    got = gcl_ops.multi_field_gcl_loss(
+        lhs, rhs, weights, scale, rhs_gamma=rhs_gamma, renormalize=renormalize,
+        reduction=reduction, negatives=negatives, **ids,
+    )  # fmt: skip
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=1, keepdim=True)
+
+    def average(fields: list[torch.Tensor]) -> torch.Tensor:
+        return sum(g * unit(x) for g, x in zip(rhs_gamma, fields))
+
+    options = dict(reduction=reduction, **ids)
+    want = definition.loss_with_negatives(
+        unit(lhs[0]), average(rhs), average(negatives), weights, scale, normalize=renormalize,
+        **options,
+    )  # fmt: skip
+    for right, negative in zip(rhs, negatives):
+        want = want + definition.loss_with_negatives(
+            unit(lhs[0]), unit(right), unit(negative), weights, scale, normalize=False, **options
+        )
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    leaves = (*lhs, *rhs, *negatives, scale)
+    for g_got, g_want in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-10)
+
+
+def test_negatives_must_have_one_tensor_per_rhs_field() -> None:
+    fields = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"one tensor per rhs field \(2\), got 1"):
+        gcl_ops.multi_field_gcl_loss(fields[:1], fields[1:], negatives=[fields[0]])
+    with pytest.raises(ValueError, match="negatives\\[1\\] has width 2, expected 3"):
+        gcl_ops.multi_field_gcl_loss(
+            fields[:1], fields[1:], negatives=[fields[0], torch.randn(4, 2, dtype=torch.float64)]
+        )
