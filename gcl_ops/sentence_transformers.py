@@ -3,16 +3,22 @@
 An optional integration (``pip install "gcl-ops[st]"``); ``import gcl_ops`` never imports it.
 
 * ``GCLLoss(model, ...)``: the loss that ``SentenceTransformerTrainer`` expects,
-  ``forward(sentence_features, labels)``, for ``(query, document)`` pairs with an optional
-  ``score`` (or ``label``) column, which the trainer's collator passes as ``labels``. The loss is
+  ``forward(sentence_features, labels)``, for ``(anchor, positive, negative_1 .. negative_n)``
+  text columns (MNRL's convention; hard negatives optional) with an optional ``score`` (or
+  ``label``) column, which the trainer's collator passes as ``labels``. The loss is
   ``gcl_ops.gcl_loss`` (paper Eq. 4, both softmax directions) on the cosine similarities times
   ``scale``, each pair weighted by ``score_to_weight(score)`` (``weights_from="score"``), by the
   column itself (``"weight"``) or not at all (``"none"``: then it equals sentence-transformers'
   symmetric ``MultipleNegativesRankingLoss``, ``directions=("query_to_doc", "doc_to_query")``,
-  ``partition_mode="per_direction"``).
-* In-batch duplicates without id columns: the same text in a column gets the same id, a hash of
-  its token ids with padding excluded (``duplicate_ids``), and pairs sharing a query or a document
-  leave each other's softmax denominators (``docs/CONTRACT.md`` section 4); across ranks too.
+  ``partition_mode="per_direction"``, hard negatives included). The negatives of every row join
+  every anchor's softmax (``docs/CONTRACT.md`` section 1.1).
+* In-batch duplicates without id columns: equal texts get equal ids, a hash of their token ids
+  with padding excluded (``duplicate_ids``). By default (``mask_duplicates="all_columns"``) one
+  id space spans every text column, as sentence-transformers' ``NO_DUPLICATES`` sampler would
+  keep such rows apart: rows that share a text in any column (directly or through a chain of
+  rows) are not each other's negatives, and a hard negative whose text is in a row is not that
+  row's negative. ``"per_column"`` compares within a column only (an anchor repeated as another
+  row's positive stays a negative); ``"none"`` (or False) masks nothing. Across ranks too.
 * ``CachedGCLLoss(model, ..., mini_batch_size=32)``: the same loss on sentence-transformers' own
   gradient cache (``CachedLossMixin``: replayed dropout, AMP, DDP ``no_sync``, ``MatryoshkaLoss``),
   with the whole batch's loss in one fused call instead of a loop over row chunks.
@@ -46,13 +52,20 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from gcl_ops import _checks, gcl_loss, score_to_weight
 from gcl_ops.autograd import Impl
-from gcl_ops.distributed import distributed_gcl_loss
+from gcl_ops.distributed import distributed_gcl_loss, gather_no_grad, rank, world_size
+from gcl_ops.st_evaluation import GradedRetrievalEvaluator
 
-__all__ = ["CachedGCLLoss", "GCLLoss", "duplicate_ids"]
+__all__ = ["CachedGCLLoss", "GCLLoss", "GradedRetrievalEvaluator", "duplicate_ids", "text_groups"]
 
 WeightsFrom = Literal["score", "weight", "none"]
+MaskDuplicates = Literal["all_columns", "per_column", "none"]
+Reduction = Literal["mean", "weighted_mean"]
+
+#: ``(query_ids, doc_ids, negative_ids)`` of a batch, each a tensor or None.
+BatchIds = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 _WEIGHTS_FROM = ("score", "weight", "none")
+_MASK_DUPLICATES = ("all_columns", "per_column", "none")
 SMALL_SCORE_FRACTION = 0.1  # scores all below this share of s_max make inverse-type weights ~1
 
 GCL_CITATION = """
@@ -156,13 +169,49 @@ def duplicate_ids(features: dict[str, Any]) -> Tensor:
     return _hash_tokens(input_ids[keep], rows[keep], positions[keep], input_ids.shape[0])
 
 
+def text_groups(
+    anchor_ids: Tensor, positive_ids: Tensor, negative_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Ids in one space over all text columns: the rows that share a text, in any column, form
+    a group (the connected components of "shares a text with", so a chain of rows is one group).
+
+    Args:
+        anchor_ids, positive_ids: ``(N,)`` text ids (``duplicate_ids``) of the two pair columns.
+        negative_ids: ``(H,)`` text ids of the hard negatives, or None.
+
+    Returns:
+        ``group (N,)``: the smallest text id of each row's group (the same in every process that
+        sees the same rows); and ``(H,)`` ids of the negatives: the group of the rows whose anchor
+        or positive has that text, else the negative's own text id. Pass ``group`` as both
+        ``query_ids`` and ``doc_ids`` of ``gcl_loss``: rows of one group are not each other's
+        negatives, nor is a hard negative whose text is in the row's group.
+
+    Equivalent (Python): union-find over rows, joining rows with an equal text id.
+    """
+    n = anchor_ids.numel()
+    texts = torch.cat([anchor_ids, positive_ids])
+    rows = torch.arange(n, device=texts.device).repeat(2)
+    unique, text_index = torch.unique(texts, return_inverse=True)
+    largest = torch.iinfo(torch.int64).max
+    group = torch.minimum(anchor_ids, positive_ids)
+    while True:  # label propagation: each pass spreads the smallest id one text further
+        text_group = torch.full((unique.numel(),), largest, dtype=torch.long, device=texts.device)
+        text_group.scatter_reduce_(0, text_index, group[rows], "amin")
+        spread = torch.full((n,), largest, dtype=torch.long, device=texts.device)
+        spread.scatter_reduce_(0, rows, text_group[text_index], "amin")
+        if torch.equal(spread, group):
+            break
+        group = spread
+    if negative_ids is None:
+        return group, None
+    position = torch.searchsorted(unique, negative_ids).clamp(max=unique.numel() - 1)
+    in_batch = unique[position] == negative_ids
+    return group, torch.where(in_batch, text_group[position], negative_ids)
+
+
 # ----------------------------------------------------------------------------------------------
 # The learnable scale under DDP
 # ----------------------------------------------------------------------------------------------
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _AverageGradOverRanks(torch.autograd.Function):
@@ -175,7 +224,7 @@ class _AverageGradOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        size = _world_size()
+        size = world_size()
         if size > 1:
             grad = grad.clone()
             dist.all_reduce(grad)  # SUM: gloo has no AVG
@@ -189,24 +238,31 @@ class _AverageGradOverRanks(torch.autograd.Function):
 
 
 class _GCLLossBase(nn.Module):
-    """Configuration, weights, ids and the loss call shared by ``GCLLoss`` and ``CachedGCLLoss``."""
+    """Configuration, weights, ids and the loss call shared by ``GCLLoss`` and ``CachedGCLLoss``;
+    the options are documented on ``GCLLoss``."""
 
     def __init__(
         self,
         model: nn.Module,
-        scale: float,
-        weights_from: WeightsFrom,
-        weight_kind: str,
-        s_max: float,
-        mask_duplicates: bool,
-        gather_across_devices: bool,
-        impl: Impl,
-        learnable_scale: bool,
-        max_scale: float,
+        *,
+        scale: float = 20.0,
+        weights_from: WeightsFrom = "score",
+        weight_kind: str = "inverse",
+        s_max: float = 100.0,
+        reduction: Reduction = "mean",
+        mask_duplicates: MaskDuplicates | bool = "all_columns",
+        gather_across_devices: bool = False,
+        impl: Impl = "auto",
+        learnable_scale: bool = False,
+        max_scale: float = 100.0,
     ) -> None:
         super().__init__()
         _checks.check_choice(weights_from, _WEIGHTS_FROM, "weights_from")
         _checks.check_choice(impl, _checks.IMPLS, "impl")
+        _checks.check_choice(reduction, ("mean", "weighted_mean"), "reduction")
+        if isinstance(mask_duplicates, bool):
+            mask_duplicates = "all_columns" if mask_duplicates else "none"
+        _checks.check_choice(mask_duplicates, _MASK_DUPLICATES, "mask_duplicates")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
         if learnable_scale and not (math.isfinite(max_scale) and 0 < scale <= max_scale):
@@ -220,6 +276,7 @@ class _GCLLossBase(nn.Module):
         self.weights_from = weights_from
         self.weight_kind = weight_kind
         self.s_max = float(s_max)
+        self.reduction = reduction
         self.mask_duplicates = mask_duplicates
         self.gather_across_devices = gather_across_devices
         self.impl = impl
@@ -265,13 +322,11 @@ class _GCLLossBase(nn.Module):
 
     def _check_columns(self, sentence_features: Iterable[dict[str, Tensor]]) -> list[dict]:
         features = list(sentence_features)
-        if len(features) != 2:
+        if len(features) < 2:
             raise ValueError(
-                f"{type(self).__name__} takes (query, document) pairs, optionally with a score or "
-                f"label column, but the batch has {len(features)} text column(s). Hard negatives "
-                "and multi-field inputs (a third text column) are not supported yet: drop the "
-                "extra columns, or name a numeric column 'score' or 'label' so that the collator "
-                "passes it as labels."
+                f"{type(self).__name__} takes (anchor, positive, negative_1 .. negative_n) text "
+                f"columns, optionally with a numeric 'score' or 'label' column, but the batch has "
+                f"{len(features)} text column(s)"
             )
         return features
 
@@ -287,7 +342,14 @@ class _GCLLossBase(nn.Module):
                 "add one, or use weights_from='none' for unweighted pairs"
             )
         if not isinstance(labels, Tensor):
-            labels = torch.as_tensor(labels)
+            try:
+                labels = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise TypeError(
+                    f"the {self.weights_from} column must be numeric, got {labels!r:.80}"
+                ) from error
+        if labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"the {self.weights_from} column must be numeric, got {labels.dtype}")
         if labels.dim() == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.shape != (n,):
@@ -321,34 +383,62 @@ class _GCLLossBase(nn.Module):
             stacklevel=3,
         )
 
-    def batch_ids(self, features: Sequence[dict[str, Any]]) -> tuple[Tensor | None, Tensor | None]:
-        """``(query_ids, doc_ids)``, each ``(N,)``, from the token ids (or ``(None, None)`` without
-        ``mask_duplicates``). Computed before embedding: modules may edit the features in place
-        (``Pooling(include_prompt=False)`` zeroes the prompt in the attention mask)."""
-        if not self.mask_duplicates:
-            return None, None
-        return duplicate_ids(features[0]), duplicate_ids(features[1])
+    def batch_ids(self, features: Sequence[dict[str, Any]]) -> BatchIds:
+        """``(query_ids, doc_ids, negative_ids)`` from the token ids (``(N,)``, ``(N,)``,
+        ``(H,)``, or None), as ``mask_duplicates`` asks. Computed before embedding: modules may
+        edit the features in place (``Pooling(include_prompt=False)`` zeroes the prompt in the
+        attention mask)."""
+        if self.mask_duplicates == "none":
+            return None, None, None
+        anchor, positive = duplicate_ids(features[0]), duplicate_ids(features[1])
+        negatives = None
+        if len(features) > 2:
+            negatives = torch.cat([duplicate_ids(column) for column in features[2:]])
+        if self.mask_duplicates == "per_column":
+            return anchor, positive, negatives
+        if not self.gather_across_devices or world_size() == 1:
+            group, negatives = text_groups(anchor, positive, negatives)
+            return group, group, negatives
+        # Groups span ranks: every rank computes them on the global batch and keeps its rows.
+        n = anchor.numel()
+        group, _ = text_groups(gather_no_grad(anchor), gather_no_grad(positive))
+        _, negatives = text_groups(gather_no_grad(anchor), gather_no_grad(positive), negatives)
+        own = group[rank() * n : (rank() + 1) * n]
+        return own, own, negatives
 
     # -- the loss -----------------------------------------------------------------------------
 
     def gcl(
         self,
-        query: Tensor,
-        doc: Tensor,
+        embeddings: Sequence[Tensor],
         labels: Tensor | None,
-        query_ids: Tensor | None = None,
-        doc_ids: Tensor | None = None,
+        ids: BatchIds = (None, None, None),
     ) -> Tensor:
-        """The GCL loss of ``(N, k)`` query and document embeddings (this rank's pairs), a scalar:
-        ``gcl_loss`` (or ``distributed_gcl_loss`` with ``gather_across_devices``) with the weights
-        from ``labels``, the ids and the scale."""
+        """The GCL loss of ``[(N, k) anchors, (N, k) positives, (N, k) negatives ...]`` (this
+        rank's rows), a scalar: ``gcl_loss`` (or ``distributed_gcl_loss`` with
+        ``gather_across_devices``) with the weights from ``labels``, the ids and the scale; the
+        negative columns are the hard negatives, ``(N * n, k)`` column by column."""
+        if len(embeddings) < 2:
+            raise ValueError(
+                f"expected [anchor, positive, negative_1 ..] embeddings, got {len(embeddings)}"
+            )
+        query, doc = embeddings[0], embeddings[1]
+        for index, column in enumerate(embeddings[2:], start=1):
+            if column.shape[0] != query.shape[0]:
+                raise ValueError(
+                    f"negative column {index} has {column.shape[0]} rows, expected one per "
+                    f"anchor ({query.shape[0]})"
+                )
+        negatives = torch.cat(list(embeddings[2:])) if len(embeddings) > 2 else None
         weights = self.pair_weights(labels, query.shape[0])
         if weights is not None:
             weights = weights.to(query.device)
+        query_ids, doc_ids, negative_ids = ids
         loss_fn = distributed_gcl_loss if self.gather_across_devices else gcl_loss
         return loss_fn(
             query, doc, weights, self.logit_scale(), query_ids=query_ids, doc_ids=doc_ids,
-            impl=self.impl,
+            negatives=negatives, negative_ids=negative_ids if negatives is not None else None,
+            reduction=self.reduction, impl=self.impl,
         )  # fmt: skip
 
     # -- model card ---------------------------------------------------------------------------
@@ -361,6 +451,7 @@ class _GCLLossBase(nn.Module):
         }
         if self.weights_from == "score":
             config.update(weight_kind=self.weight_kind, s_max=self.s_max)
+        config["reduction"] = self.reduction
         if self.learnable_scale:
             config["max_scale"] = self.max_scale
         config.update(
@@ -376,15 +467,16 @@ class _GCLLossBase(nn.Module):
 
 
 class GCLLoss(_GCLLossBase):
-    """Generalized Contrastive Learning for ``(query, document[, score])`` pairs.
+    """Generalized Contrastive Learning for ``(anchor, positive[, negative_1 ..][, score])`` rows.
 
     ``L = -(1 / 2N) sum_i w_i (log softmax_row(Z)[i, i] + log softmax_col(Z)[i, i])`` with
-    ``Z = scale * cos(query_i, doc_j)`` and ``w_i`` from the score column (``docs/CONTRACT.md``).
-    With ``w = 1`` and no duplicates this is sentence-transformers' symmetric
-    ``MultipleNegativesRankingLoss(model, scale, directions=("query_to_doc", "doc_to_query"),
-    partition_mode="per_direction")``, in value and gradients.
+    ``Z = scale * cos(anchor_i, positive_j)``, the hard negatives of every row in every anchor's
+    row softmax, and ``w_i`` from the score column (``docs/CONTRACT.md``). With ``w = 1`` and no
+    duplicates this is sentence-transformers' symmetric ``MultipleNegativesRankingLoss(model,
+    scale, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")``, in
+    value and gradients, hard negatives included: switching needs one changed line.
 
-    Args:
+    Args (all but ``model`` keyword-only):
         model: the ``SentenceTransformer`` to train.
         scale: the logit scale ``t`` (``1 / temperature``; 20 as sentence-transformers'
             ``MultipleNegativesRankingLoss``); the initial value with ``learnable_scale``.
@@ -394,64 +486,51 @@ class GCLLoss(_GCLLossBase):
             (unweighted; the column, if any, is ignored).
         weight_kind: ``"inverse"`` (default), ``"constant"``, ``"linear"``, ``"inverse_sqrt"`` or
             ``"piecewise"`` (paper Eq. 1-3).
-        s_max: the largest possible score (default 100).
-        mask_duplicates: pairs whose query text or document text repeats in the batch are not
-            each other's negatives (default True); equal texts are found by hashing token ids.
+        s_max: the largest possible score (default 100); a batch whose scores all lie below a
+            tenth of it warns once (the weights would be nearly equal).
+        reduction: ``"mean"`` (default, the paper's: ``1/2N``, so inverse weights make the loss
+            and its gradients 10-30 times MNRL's) or ``"weighted_mean"`` (divided by the sum of
+            the weights instead: MNRL's scale, so its learning rate and ``max_grad_norm`` carry
+            over).
+        mask_duplicates: ``"all_columns"`` (default, or True): rows sharing a text in any column
+            are not each other's negatives, nor is a hard negative a row holds (what
+            ``NO_DUPLICATES`` batches guarantee MNRL); ``"per_column"``: repeats within the
+            anchor or the positive column, and a negative equal to a row's positive; ``"none"``
+            (or False). Equal texts are found by hashing token ids.
         gather_across_devices: under ``torch.distributed`` (DDP), the loss of the global batch:
-            every rank's documents and statistics are gathered (``distributed_gcl_loss``). Each
-            rank returns the mean over its own pairs, so DDP's gradient averaging yields the
-            single-process gradient of the global loss.
+            every rank's documents, negatives and statistics are gathered
+            (``distributed_gcl_loss``). Each rank returns its share times the world size, so
+            DDP's gradient averaging yields the single-process gradient of the global loss.
         impl: ``"auto"`` (fused Triton kernels on CUDA, the blocked PyTorch path on CPU),
             ``"triton"`` or ``"torch"``.
         learnable_scale: train the scale (as ``log_scale``, clamped at ``max_scale``); the
             trainer's optimizer picks up the parameter. Default False.
         max_scale: the upper clamp of a learnable scale (default 100, as open_clip).
 
-    Inputs: two text columns (query, document) and optionally a numeric ``score`` / ``label``
-    column, which the collator passes as ``labels``, ``(N,)``.
+    Inputs: two or more text columns, ``(anchor, positive, negative_1 .. negative_n)``, and
+    optionally a numeric ``score`` / ``label`` column, which the collator passes as ``labels``,
+    ``(N,)``.
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        scale: float = 20.0,
-        weights_from: WeightsFrom = "score",
-        weight_kind: str = "inverse",
-        s_max: float = 100.0,
-        mask_duplicates: bool = True,
-        gather_across_devices: bool = False,
-        impl: Impl = "auto",
-        *,
-        learnable_scale: bool = False,
-        max_scale: float = 100.0,
-    ) -> None:
-        super().__init__(
-            model, scale, weights_from, weight_kind, s_max, mask_duplicates,
-            gather_across_devices, impl, learnable_scale, max_scale,
-        )  # fmt: skip
 
     def forward(
         self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None
     ) -> Tensor:
-        """The loss of a collated batch: two feature dicts (query, document column) and the
-        ``(N,)`` labels (scores or weights, or None with ``weights_from="none"``)."""
+        """The loss of a collated batch: a feature dict per text column (anchor, positive,
+        negatives) and the ``(N,)`` labels (scores or weights, or None with
+        ``weights_from="none"``)."""
         features = self._check_columns(sentence_features)
-        query_ids, doc_ids = self.batch_ids(features)
-        query = self.model(features[0])["sentence_embedding"]
-        doc = self.model(features[1])["sentence_embedding"]
-        return self.compute_loss_from_embeddings([query, doc], labels, query_ids, doc_ids)
+        ids = self.batch_ids(features)
+        embeddings = [self.model(column)["sentence_embedding"] for column in features]
+        return self.compute_loss_from_embeddings(embeddings, labels, ids)
 
     def compute_loss_from_embeddings(
         self,
         embeddings: Sequence[Tensor],
         labels: Tensor | None,
-        query_ids: Tensor | None = None,
-        doc_ids: Tensor | None = None,
+        ids: BatchIds = (None, None, None),
     ) -> Tensor:
-        """The loss from the ``[(N, k) query, (N, k) document]`` embeddings."""
-        if len(embeddings) != 2:
-            raise ValueError(f"expected [query, document] embeddings, got {len(embeddings)}")
-        return self.gcl(embeddings[0], embeddings[1], labels, query_ids, doc_ids)
+        """The loss from ``[(N, k) anchors, (N, k) positives, (N, k) negatives ...]``."""
+        return self.gcl(embeddings, labels, ids)
 
 
 class CachedGCLLoss(CachedLossMixin, _GCLLossBase):
@@ -465,35 +544,29 @@ class CachedGCLLoss(CachedLossMixin, _GCLLossBase):
     ``backward``. The parameters get the same gradient as ``GCLLoss`` on the whole batch. Works
     inside ``MatryoshkaLoss`` and under DDP and AMP like sentence-transformers' cached losses.
 
-    Args:
-        model, scale, weights_from, weight_kind, s_max, mask_duplicates, gather_across_devices,
-        impl, learnable_scale, max_scale: as in ``GCLLoss``.
+    Args (all but ``model`` keyword-only):
+        model: the ``SentenceTransformer`` to train.
         mini_batch_size: rows per embedding call (memory against speed; default 32).
         mini_batch_num_tokens: instead, pack mini-batches up to this many non-padding tokens.
         show_progress_bar: show the mini-batch progress.
+        **options: ``scale``, ``weights_from``, ``weight_kind``, ``s_max``, ``reduction``,
+            ``mask_duplicates``, ``gather_across_devices``, ``impl``, ``learnable_scale``,
+            ``max_scale``: as in ``GCLLoss``.
+
+    With hard negatives it equals sentence-transformers' ``CachedMultipleNegativesRankingLoss``
+    (symmetric form) as ``GCLLoss`` equals MNRL.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        scale: float = 20.0,
-        weights_from: WeightsFrom = "score",
-        weight_kind: str = "inverse",
-        s_max: float = 100.0,
-        mask_duplicates: bool = True,
-        gather_across_devices: bool = False,
-        impl: Impl = "auto",
         *,
         mini_batch_size: int = 32,
         mini_batch_num_tokens: int | None = None,
         show_progress_bar: bool = False,
-        learnable_scale: bool = False,
-        max_scale: float = 100.0,
+        **options: Any,
     ) -> None:
-        _GCLLossBase.__init__(
-            self, model, scale, weights_from, weight_kind, s_max, mask_duplicates,
-            gather_across_devices, impl, learnable_scale, max_scale,
-        )  # fmt: skip
+        _GCLLossBase.__init__(self, model, **options)
         inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
         if has_static_embedding_input(inner):
             raise ValueError(
@@ -511,7 +584,7 @@ class CachedGCLLoss(CachedLossMixin, _GCLLossBase):
         self.show_progress_bar = show_progress_bar
         # Per forward pass: the batch's ids (calculate_loss sees embeddings only) and the scale's
         # gradient from the cached backward, applied when the trainer's backward reaches the loss.
-        self._ids: tuple[Tensor | None, Tensor | None] = (None, None)
+        self._ids: BatchIds = (None, None, None)
         self._scale_grad: Tensor | None = None
 
     def forward(
@@ -525,7 +598,7 @@ class CachedGCLLoss(CachedLossMixin, _GCLLossBase):
         try:
             loss = self.forward_cached(features, labels)
         finally:
-            self._ids = (None, None)
+            self._ids = (None, None, None)
         scale_grad, self._scale_grad = self._scale_grad, None
         if scale_grad is not None and loss.requires_grad:
             log_scale = self.log_scale
@@ -548,18 +621,17 @@ class CachedGCLLoss(CachedLossMixin, _GCLLossBase):
         ``(b, k)`` tensors per column), in one ``gcl_loss`` call. With ``with_backward`` the
         embeddings' gradients are stored in their ``.grad`` (the cache) and the scale's is held
         back for the trainer's backward; returns the detached loss."""
-        query, doc = torch.cat(reps[0]), torch.cat(reps[1])
-        query_ids, doc_ids = self._ids
-        loss = self.gcl(query, doc, labels, query_ids, doc_ids)
+        columns = [torch.cat(column) for column in reps]
+        loss = self.gcl(columns, labels, self._ids)
         if not with_backward:
             return loss
-        leaves = [*reps[0], *reps[1]]
+        leaves = [part for column in reps for part in column]
         inputs = [*leaves, self.log_scale] if self.learnable_scale else leaves
         grads = torch.autograd.grad(loss, inputs)
         for leaf, grad in zip(leaves, grads):
             leaf.grad = grad if leaf.grad is None else leaf.grad + grad
         if self.learnable_scale:
-            scale_grad = grads[-1] * self._matryoshka_weight(query.shape[1])
+            scale_grad = grads[-1] * self._matryoshka_weight(columns[0].shape[1])
             self._scale_grad = (
                 scale_grad if self._scale_grad is None else self._scale_grad + scale_grad
             )

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
+    CachedMultipleNegativesRankingLoss,
     MatryoshkaLoss,
     MultipleNegativesRankingLoss,
 )
@@ -32,7 +33,12 @@ from sentence_transformers.sentence_transformer.modules import Pooling, Transfor
 from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: E402
 
 import gcl_ops  # noqa: E402
-from gcl_ops.sentence_transformers import CachedGCLLoss, GCLLoss, duplicate_ids  # noqa: E402
+from gcl_ops.sentence_transformers import (  # noqa: E402
+    CachedGCLLoss,
+    GCLLoss,
+    duplicate_ids,
+    text_groups,
+)
 
 # fmt: off
 WORDS = [
@@ -161,6 +167,52 @@ def test_unit_weights_equal_symmetric_mnrl(model_dir, weights_from: str) -> None
     assert any(g.abs().max() > 0 for g in want_grads.values())
 
 
+SYMMETRIC = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+
+
+@pytest.mark.parametrize("negative_columns", [1, 3])
+def test_hard_negatives_equal_symmetric_mnrl_and_cmnrl(model_dir, negative_columns: int) -> None:
+    # (anchor, positive, negative_1 .. negative_n), weights 1 through a constant-weighted score
+    # column: loss and every parameter gradient equal MNRL's and CMNRL's with the same negatives.
+    model = load_model(model_dir)
+    columns = [sentences(9, seed=20 + c) for c in range(2 + negative_columns)]
+    batch = features(model, *columns)
+    scores = torch.randint(1, 101, (9,), generator=torch.Generator().manual_seed(4))
+    want, want_grads = run_loss(
+        MultipleNegativesRankingLoss(model, scale=20.0, **SYMMETRIC), model, batch, scores
+    )
+    got, got_grads = run_loss(
+        GCLLoss(model, scale=20.0, weight_kind="constant"), model, batch, scores
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_same_gradients(got_grads, want_grads)
+    # Without the negatives it is another loss (they are not ignored).
+    pairs_only = GCLLoss(model, weights_from="none")(batch[:2], None)
+    assert abs(float(pairs_only.detach() - want)) > 1e-3
+
+    cmnrl = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=4, **SYMMETRIC)
+    want_cached, want_cached_grads = run_loss(cmnrl, model, batch, scores)
+    cached = CachedGCLLoss(model, scale=20.0, weights_from="none", mini_batch_size=4)
+    got_cached, got_cached_grads = run_loss(cached, model, batch, None)
+    torch.testing.assert_close(want_cached, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_cached, want_cached, rtol=1e-12, atol=1e-12)
+    assert_same_gradients(got_cached_grads, want_cached_grads)
+
+
+def test_graded_hard_negatives_equal_gcl_loss(model_dir) -> None:
+    # Scores weight the pairs; the negatives join every anchor's row; the weighted mean divides
+    # by the sum of the weights.
+    model = load_model(model_dir)
+    batch = features(model, sentences(6, seed=30), sentences(6, seed=31), sentences(6, seed=32))
+    scores = torch.tensor([100, 90, 75, 40, 20, 5])
+    weights = gcl_ops.score_to_weight(scores, "inverse", s_max=100.0)
+    query, doc, negative = embed(model, batch)
+    for reduction in ("mean", "weighted_mean"):
+        loss = GCLLoss(model, reduction=reduction)(batch, scores)
+        want = gcl_ops.gcl_loss(query, doc, weights, 20.0, negatives=negative, reduction=reduction)
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+
+
 def test_graded_weights_differ_from_mnrl_and_equal_gcl_loss(model_dir) -> None:
     model = load_model(model_dir)
     batch = features(model, sentences(8, seed=3), sentences(8, seed=4))
@@ -259,6 +311,50 @@ def test_duplicate_ids_are_exact_integer_hashes() -> None:
         assert int(got[row]) == parts[0] * _MODULI[1] + parts[1]
 
 
+def test_text_groups_join_rows_sharing_any_text() -> None:
+    # Rows 0-1 share a text across columns (anchor 1 = positive 0), rows 1-2 share positive
+    # texts (a chain: 0, 1, 2 are one group); row 3 is alone. Negatives: text 5 is row 3's
+    # anchor, text 99 is in no row.
+    anchor = torch.tensor([10, 20, 30, 5])
+    positive = torch.tensor([20, 40, 40, 6])
+    group, negative_ids = text_groups(anchor, positive, torch.tensor([5, 99, 30]))
+    assert group.tolist() == [10, 10, 10, 5]
+    assert negative_ids.tolist() == [5, 99, 10]
+
+
+def test_a_text_repeated_across_columns_is_masked(model_dir) -> None:
+    # A[1], P[1] = P[0], A[0] (symmetric tasks): with the default one id space the two rows are
+    # not each other's negatives (no cosine-1 negative); a hard negative equal to row 3's anchor
+    # is not row 3's negative. Per column, both stay negatives.
+    model = load_model(model_dir)
+    anchors, positives, negatives = sentences(6, 40), sentences(6, 41), sentences(6, 42)
+    anchors[1], positives[1] = positives[0], anchors[0]
+    negatives[4] = anchors[3]
+    batch = features(model, anchors, positives, negatives)
+    scores = torch.tensor([100, 90, 75, 40, 20, 5])
+    weights = gcl_ops.score_to_weight(scores, "inverse", s_max=100.0)
+
+    masked, masked_grads = run_loss(GCLLoss(model), model, batch, scores)
+    query, doc, negative = embed(model, batch)
+    model.zero_grad(set_to_none=True)
+    groups = torch.tensor([0, 0, 2, 3, 4, 5])
+    want = gcl_ops.gcl_loss(
+        query, doc, weights, 20.0, query_ids=groups, doc_ids=groups, negatives=negative,
+        negative_ids=torch.tensor([10, 11, 12, 13, 3, 15]),
+    )  # fmt: skip
+    want.backward()
+    torch.testing.assert_close(masked, want.detach(), rtol=1e-12, atol=1e-12)
+    assert_same_gradients(masked_grads, gradients(model))
+    cached, cached_grads = run_loss(CachedGCLLoss(model, mini_batch_size=4), model, batch, scores)
+    torch.testing.assert_close(cached, masked, rtol=1e-12, atol=1e-12)
+    assert_same_gradients(cached_grads, masked_grads)
+
+    per_column = GCLLoss(model, mask_duplicates="per_column")(batch, scores)
+    unmasked = GCLLoss(model, mask_duplicates=False)(batch, scores)
+    torch.testing.assert_close(per_column, unmasked, rtol=1e-12, atol=1e-12)
+    assert float((unmasked - masked).detach()) > 1e-3  # the cosine-1 negatives cost loss
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradient caching
 # ----------------------------------------------------------------------------------------------
@@ -329,8 +425,8 @@ class RecordingGCLLoss(GCLLoss):
         self.calls.append({"input_ids": sentence_features[0]["input_ids"].clone()})
         return super().forward(sentence_features, labels)
 
-    def compute_loss_from_embeddings(self, embeddings, labels, query_ids=None, doc_ids=None):
-        loss = super().compute_loss_from_embeddings(embeddings, labels, query_ids, doc_ids)
+    def compute_loss_from_embeddings(self, embeddings, labels, ids=(None, None, None)):
+        loss = super().compute_loss_from_embeddings(embeddings, labels, ids)
         self.calls[-1].update(
             query=embeddings[0].detach(), doc=embeddings[1].detach(), labels=labels,
             loss=loss.detach(),
@@ -397,12 +493,18 @@ def without_pooler(model: SentenceTransformer) -> SentenceTransformer:
 
 
 def distributed_case(world: int, n_local: int) -> dict:
-    """A global batch with a query and a document repeated across ranks."""
+    """A global batch with a query and a document repeated across ranks, and a hard negative
+    column with a negative that is another rank's anchor."""
     queries, docs = sentences(world * n_local, seed=13), sentences(world * n_local, seed=14)
+    negatives = sentences(world * n_local, seed=15)
     queries[n_local + 2] = queries[1]  # rank 1 repeats rank 0's query
     docs[3] = docs[n_local]  # rank 0 repeats rank 1's document
+    negatives[n_local + 1] = queries[0]  # rank 1 holds rank 0's anchor as a negative
     scores = torch.randint(1, 101, (world * n_local,), generator=torch.Generator().manual_seed(5))
-    return {"queries": queries, "docs": docs, "scores": scores, "n_local": n_local}
+    return {
+        "queries": queries, "docs": docs, "negatives": negatives, "scores": scores,
+        "n_local": n_local,
+    }  # fmt: skip
 
 
 def distributed_worker(rank: int, world: int, store: str, out: str, case: dict) -> None:
@@ -417,7 +519,7 @@ def distributed_worker(rank: int, world: int, store: str, out: str, case: dict) 
         # "Expected to mark a variable ready only once". CachedGCLLoss works with either.
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
         rows = slice(rank * case["n_local"], (rank + 1) * case["n_local"])
-        batch = features(model, case["queries"][rows], case["docs"][rows])
+        batch = features(model, case["queries"][rows], case["docs"][rows], case["negatives"][rows])
         results = {}
         for name, loss_fn in [
             ("plain", GCLLoss(ddp, gather_across_devices=True, learnable_scale=True)),
@@ -453,7 +555,7 @@ def test_two_ranks_gather_equal_one_process(model_dir, tmp_path) -> None:
     ranks = spawn(distributed_worker, world, tmp_path, case)
 
     model = without_pooler(load_model(model_dir))
-    batch = features(model, case["queries"], case["docs"])
+    batch = features(model, case["queries"], case["docs"], case["negatives"])
     single = GCLLoss(model, learnable_scale=True)
     want, want_grads = run_loss(single, model, batch, case["scores"])
     with torch.no_grad():
@@ -497,7 +599,8 @@ def test_config_and_citation(model_dir) -> None:
     loss = CachedGCLLoss(model, scale=30.0, weight_kind="piecewise", mini_batch_size=16)
     assert loss.get_config_dict() == {
         "scale": 30.0, "learnable_scale": False, "weights_from": "score",
-        "weight_kind": "piecewise", "s_max": 100.0, "mask_duplicates": True,
+        "weight_kind": "piecewise", "s_max": 100.0, "reduction": "mean",
+        "mask_duplicates": "all_columns",
         "gather_across_devices": False, "impl": "auto", "mini_batch_size": 16,
         "mini_batch_num_tokens": None,
     }  # fmt: skip
@@ -514,11 +617,23 @@ def test_config_and_citation(model_dir) -> None:
 def test_errors(model_dir) -> None:
     model = load_model(model_dir)
     pairs = features(model, sentences(4, seed=17), sentences(4, seed=18))
-    third = pairs + features(model, sentences(4, seed=19))
-    with pytest.raises(ValueError, match="3 text column"):
-        GCLLoss(model)(third, torch.full((4,), 50))
-    with pytest.raises(ValueError, match="3 text column"):
-        CachedGCLLoss(model)(third, torch.full((4,), 50))
+    with pytest.raises(ValueError, match="1 text column"):
+        GCLLoss(model)(pairs[:1], torch.full((4,), 50))
+    with pytest.raises(ValueError, match="1 text column"):
+        CachedGCLLoss(model)(pairs[:1], torch.full((4,), 50))
+    with pytest.raises(TypeError, match="score column must be numeric"):
+        GCLLoss(model)(pairs, ["high", "low", "high", "low"])
+    with pytest.raises(TypeError, match="score column must be numeric"):
+        GCLLoss(model)(pairs, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask_duplicates"):
+        GCLLoss(model, mask_duplicates="rows")
+    with pytest.raises(ValueError, match="reduction"):
+        GCLLoss(model, reduction="sum")
+    with pytest.raises(TypeError, match="positional"):
+        GCLLoss(model, 20.0)  # options are keyword-only
+    negatives = features(model, sentences(3, seed=19))  # a negative column of the wrong length
+    with pytest.raises(ValueError, match=r"negative column 1 has 3 rows, expected one per"):
+        GCLLoss(model)(pairs + negatives, torch.full((4,), 50))
     with pytest.raises(ValueError, match="needs a numeric 'score' or 'label' column"):
         GCLLoss(model)(pairs, None)
     with pytest.raises(ValueError, match=r"scores must lie in \(0, s_max=10.0\]"):
