@@ -211,6 +211,7 @@ class MultiFieldStep:
         self.criterion = gcl_ops.MultiFieldGCLLoss(
             rhs_gamma=config.doc_gamma, renormalize=config.renormalize, impl=config.impl,
             distributed=world > 1, validate=False,  # no host syncs per step
+            reduction="weighted_mean" if config.loss_normalization == "weights" else "mean",
         )  # fmt: skip
         self.encoders = [self.encode_text, self.encode_text, self.encode_image]
         self.frozen = {None: (), "text": (0, 1), "image": (2,)}[config.freeze]
@@ -226,24 +227,12 @@ class MultiFieldStep:
         query, title, image = embeddings
         config = self.config
         weights = gcl_ops.score_to_weight(batch["scores"], config.weight_kind, s_max=config.s_max)
-        if config.loss_normalization == "weights":
-            weights = weights / self.mean_weight(weights)
         ids = (
             {"query_ids": batch["query_ids"], "doc_ids": batch["doc_ids"]}
             if config.mask_duplicates
             else {}
         )
         return self.criterion([query], [title, image], self.core.logit_scale.exp(), weights, **ids)
-
-    def mean_weight(self, weights: torch.Tensor) -> torch.Tensor:
-        """The global batch's mean weight: dividing by it turns the loss's 1 / 2N average into
-        the weighted mean sum_i w_i l_i / sum_i w_i."""
-        total = torch.stack(
-            [weights.sum(), torch.tensor(float(weights.numel()), device=weights.device)]
-        )
-        if self.world > 1:
-            dist.all_reduce(total)
-        return total[0] / total[1]
 
     def __call__(self, batch: dict[str, Any], scaler: torch.amp.GradScaler) -> torch.Tensor:
         """Loss of the batch (detached); gradients accumulated in the parameters."""
