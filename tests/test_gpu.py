@@ -55,6 +55,39 @@ def test_large_batches_match_the_pytorch_path(n, dtype, strategy, monkeypatch,
         assert error < TOLERANCES[dtype], f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strategy", tiling.STRATEGIES)
+def test_hard_negatives_match_the_pytorch_path(dtype, strategy, monkeypatch,
+                                               restore_matmul_precision) -> None:  # fmt: skip
+    # 4096 pairs and 7 hard negatives per row (28,672 more columns), some of them false
+    # negatives by id: the rectangular kernels against the PyTorch path on the same inputs.
+    monkeypatch.setenv("GCL_OPS_BACKWARD", strategy)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    n, h = 4096, 7
+    query, columns, weights, _ = _batch(n, 256, m=n * (1 + h))
+    doc, negatives = columns[:n], columns[n:]
+    doc_ids = torch.arange(n, device="cuda")
+    negative_ids = torch.randint(0, 8 * n, (n * h,), device="cuda")
+
+    def loss_and_grads(impl: str, as_dtype: torch.dtype) -> list[torch.Tensor]:
+        leaves = [x.to(as_dtype).requires_grad_() for x in (query, doc, negatives)]
+        scale = torch.tensor(30.0, device="cuda", requires_grad=True)
+        loss = gcl_ops.gcl_loss(
+            leaves[0], leaves[1], weights, scale, doc_ids=doc_ids, negatives=leaves[2],
+            negative_ids=negative_ids, reduction="weighted_mean", impl=impl,
+        )  # fmt: skip
+        grads = torch.autograd.grad(loss, (*leaves, scale))
+        return [loss.detach().float(), *(g.float() for g in grads)]
+
+    rounded = [x.to(dtype).float() for x in (query, doc, negatives)]
+    query, doc, negatives = rounded
+    want = loss_and_grads("torch", torch.float32)
+    got = loss_and_grads("triton", dtype)
+    for name, g, w in zip(("loss", "query", "doc", "negatives", "scale"), got, want):
+        error = float((g - w).abs().max()) / max(float(w.abs().max()), 1e-30)
+        assert error < TOLERANCES[dtype], f"{name}: relative error {error:.2e}"
+
+
 def test_offsets_beyond_int32() -> None:
     # 2^21 + 5 columns of width 1024: column offsets pass 2^31 elements.
     n, m, k = 64, 2**21 + 5, 1024

@@ -293,21 +293,29 @@ def test_weighted_mean_is_mean_rescaled_and_zero_without_weight() -> None:
     assert float(off) == 0.0 and torch.isfinite(grad).all()
 
 
-def test_frozen_negatives_and_frozen_documents() -> None:
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_frozen_negatives_and_frozen_documents(impl: str) -> None:
     # A frozen side gets no gradient; the other sides' gradients are unchanged.
-    query, doc, negatives, weights = _batch()
+    dtype = torch.float64 if impl == "torch" else torch.float32
+    query, doc, negatives, weights = (x.to(dtype) for x in _batch(n=19, h=23))
+    query, doc, negatives = (x.to(DEVICE) for x in (query, doc, negatives))
+    weights = weights.to(DEVICE)
+
+    def loss_of(q, d, e):
+        return gcl_ops.gcl_loss(q, d, weights, 4.0, negatives=e, impl=impl)
+
     leaves = [x.clone().requires_grad_() for x in (query, doc, negatives)]
-    full = torch.autograd.grad(
-        gcl_ops.gcl_loss(leaves[0], leaves[1], weights, 4.0, negatives=leaves[2]), leaves
-    )
-    for frozen in (1, 2):
+    full = torch.autograd.grad(loss_of(*leaves), leaves)
+    for frozen in (0, 1, 2):
         inputs = [x.detach().clone().requires_grad_(i != frozen) for i, x in enumerate(leaves)]
-        loss = gcl_ops.gcl_loss(inputs[0], inputs[1], weights, 4.0, negatives=inputs[2])
+        loss = loss_of(*inputs)
         trainable = [x for x in inputs if x.requires_grad]
         grads = torch.autograd.grad(loss, trainable)
         expected = [g for i, g in enumerate(full) if i != frozen]
+        # The same computation, less of it: bitwise on a CPU (GPU atomics may reorder sums).
+        rtol = 0.0 if DEVICE == "cpu" else 1e-5
         for got, want in zip(grads, expected):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
 
 
 # ----------------------------------------------------------------------------------------------
