@@ -59,7 +59,13 @@ from gcl_ops.autograd import (
 from gcl_ops.blockwise import SHIFT_HEADROOM, TINY_SUM
 from gcl_ops.distributed import distributed_gcl_loss
 from gcl_ops.launchers import MAX_TRITON_K
-from gcl_ops.reference import Reduction, append_negatives, naive_masked_lse, reduce_loss
+from gcl_ops.reference import (
+    Reduction,
+    append_negatives,
+    column_ids,
+    naive_masked_lse,
+    reduce_loss,
+)
 
 __all__ = [
     "MAX_TRITON_K",
@@ -149,6 +155,7 @@ def gcl_loss_from_logits(
     *,
     query_ids: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
     reduction: Reduction = "mean",
     impl: Impl = "auto",
     validate: bool = True,
@@ -156,40 +163,60 @@ def gcl_loss_from_logits(
     """The GCL loss from a similarity matrix the caller already holds.
 
     Args:
-        logits: ``(N, N)`` scaled similarities, ``logits[i, j]`` = query ``i`` vs document ``j``.
-        weights, query_ids, doc_ids, reduction, validate: as in ``gcl_loss``.
-        impl: ``"auto"`` (default: Triton for CUDA fp32/fp16/bf16 matrices: one read of the
-            matrix for both log-sum-exps, one pass to write the gradient), ``"triton"`` or
-            ``"torch"`` (PyTorch ops on the matrix).
+        logits: ``(N, N)`` scaled similarities, ``logits[i, j]`` = query ``i`` vs document ``j``;
+            or ``(N, N + H)`` whose last ``H`` columns are hard negatives (in every row's softmax,
+            in no column softmax: ``gcl_loss``'s ``negatives``).
+        weights, query_ids, doc_ids, negative_ids, reduction, validate: as in ``gcl_loss``.
+        impl: ``"auto"`` (default: Triton for square CUDA fp32/fp16/bf16 matrices: one read of
+            the matrix for both log-sum-exps, one pass to write the gradient; PyTorch ops with
+            hard negatives), ``"triton"`` (square only) or ``"torch"`` (PyTorch ops on the
+            matrix).
 
     Returns:
         A scalar (fp32, or fp64 for fp64 logits), or ``(N,)`` for ``reduction="none"``.
 
     Equivalent PyTorch:
-    ``-(w * (logits.log_softmax(1).diag() + logits.log_softmax(0).diag())).mean() / 2``.
+    ``-(w * (logits.log_softmax(1).diag() + logits[:, :N].log_softmax(0).diag())).mean() / 2``.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
-        raise ValueError(f"logits must be a square (N, N) matrix, got {tuple(logits.shape)}")
+    if logits.dim() != 2 or logits.shape[0] > logits.shape[1]:
+        raise ValueError(
+            f"logits must be an (N, N) or (N, N + H) matrix, got {tuple(logits.shape)}"
+        )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    n = logits.shape[0]
+    n, m = logits.shape
     if n == 0:
         raise ValueError("logits is an empty batch (N = 0): the loss needs at least one pair")
     _checks.check_weights(weights, n, validate=False)
     _checks.check_ids(query_ids, n, "query_ids")
     _checks.check_ids(doc_ids, n, "doc_ids")
+    if negative_ids is not None:
+        if m == n:
+            raise ValueError("negative_ids were given but logits has no negative columns")
+        if doc_ids is None:
+            raise ValueError("negative_ids are compared with doc_ids: pass doc_ids too")
+        _checks.check_ids(negative_ids, m - n, "negative_ids")
     _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
     if _checks.should_validate(validate):  # one device synchronisation
         _checks.check_all_values([("logits", logits, False)], weights)
 
-    if resolve_backend(impl, logits) == "triton":
+    backend = resolve_backend(impl, logits)
+    if backend == "triton" and m > n:
+        if impl == "triton":
+            raise ValueError(
+                "impl='triton' takes square logits; with hard negatives (N, N + H) use "
+                "impl='torch' or 'auto', or gcl_loss(..., negatives=...) on the embeddings"
+            )
+        backend = "torch"
+    if backend == "triton":
         neg_row, neg_col, positive_logits = _LogitsStatsFunction.apply(logits, query_ids, doc_ids)
     else:
         z = logits.to(_compute_dtype(logits))
-        neg_row, neg_col = naive_masked_lse(z, query_ids, doc_ids)
-        positive_logits = z.diagonal()
+        ids = column_ids(query_ids, doc_ids, negative_ids, m - n) if m > n else (query_ids, doc_ids)
+        neg_row, neg_col = naive_masked_lse(z, *ids)
+        neg_col, positive_logits = neg_col[:n], z.diagonal()
     return reduce_loss(
         per_pair_loss(neg_row, neg_col, positive_logits, weights), reduction, weights
     )

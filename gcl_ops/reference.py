@@ -112,14 +112,25 @@ def append_negatives(
     """
     if negatives is None:
         return doc, query_ids, doc_ids
-    count = negatives.shape[0]
     columns = torch.cat([doc, negatives.to(doc.dtype)])
+    return (columns, *column_ids(query_ids, doc_ids, negative_ids, negatives.shape[0]))
+
+
+def column_ids(
+    query_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    negative_ids: torch.Tensor | None,
+    count: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``(N + count,)`` query and document ids of the columns ``[documents; negatives]``
+    (``append_negatives``): a negative's query id is one no pair has, and so is its document id
+    without ``negative_ids``. ``None`` stays None."""
     if query_ids is not None:
         query_ids = torch.cat([query_ids.long(), _absent_id(query_ids).expand(count)])
     if doc_ids is not None:
         extra = _absent_id(doc_ids).expand(count) if negative_ids is None else negative_ids.long()
         doc_ids = torch.cat([doc_ids.long(), extra])
-    return columns, query_ids, doc_ids
+    return query_ids, doc_ids
 
 
 def _absent_id(ids: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import dataclasses
 import definition
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from params import DEVICE
@@ -362,3 +363,31 @@ def test_negatives_on_another_device_raise() -> None:
     elsewhere = torch.empty(4, 5, dtype=torch.float64, device="meta")  # any other device
     with pytest.raises(ValueError, match="documents' device cpu, got meta"):
         gcl_ops.gcl_loss(query, doc, weights, 2.0, negatives=elsewhere)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_logits_form_with_negative_columns(reduction: str) -> None:
+    # (N, N + H) logits: the last H columns are hard negatives, as gcl_loss's negatives.
+    query, doc, negatives, weights = _batch(n=7, h=5)
+    doc_ids, negative_ids = torch.arange(7), torch.tensor([3, 8, 0, 9, 9])
+    logits = 3.0 * F.normalize(query) @ F.normalize(torch.cat([doc, negatives])).T
+    logits.requires_grad_()
+    got = gcl_ops.gcl_loss_from_logits(
+        logits, weights, doc_ids=doc_ids, negative_ids=negative_ids, reduction=reduction
+    )
+    scaled_cosines = logits.detach().requires_grad_()
+    truth = definition.loss_with_negatives_from_logits(
+        scaled_cosines[:, :7], scaled_cosines[:, 7:], weights, doc_ids=doc_ids,
+        negative_ids=negative_ids, reduction=reduction,
+    )  # fmt: skip
+    torch.testing.assert_close(got, truth, rtol=1e-12, atol=1e-14)
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(3), dtype=got.dtype)
+    (grad,) = torch.autograd.grad(got, logits, upstream)
+    (want,) = torch.autograd.grad(truth, scaled_cosines, upstream)
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="takes square logits"):
+        gcl_ops.gcl_loss_from_logits(logits.float(), impl="triton")
+    with pytest.raises(ValueError, match=r"\(N, N\) or \(N, N \+ H\)"):
+        gcl_ops.gcl_loss_from_logits(logits.T)
+    with pytest.raises(ValueError, match="no negative columns"):
+        gcl_ops.gcl_loss_from_logits(logits[:, :7], doc_ids=doc_ids, negative_ids=negative_ids)
