@@ -46,39 +46,22 @@ def single_process(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("reduction", ["mean", "weighted_mean", "none"])
-def test_hard_negatives_equal_the_single_process_loss(tmp_path, world: int, reduction: str) -> None:
-    # Every rank's negatives are gathered with gradient: the loss, the gradients of the queries,
-    # documents and negatives (each rank its own), and of the scale are those of one process.
-    n_local, h_local = 4, 3
+@pytest.mark.parametrize(
+    ("reduction", "h_local"),
+    [("mean", 0), ("sum", 0), ("none", 0), ("mean", 3), ("weighted_mean", 3), ("none", 3)],
+    ids=["mean", "sum", "none", "negatives-mean", "negatives-weighted_mean", "negatives-none"],
+)
+def test_loss_and_gradients_equal_the_single_process_ones(
+    tmp_path, world: int, reduction: str, h_local: int
+) -> None:
+    # With hard negatives, every rank's are gathered with gradient: the negatives' gradients
+    # (each rank its own) are those of one process too.
+    n_local = 5
     case = dict(n_local=n_local, reduction=reduction, fields=2, impl="torch", h_local=h_local)
     ranks = run(loss_worker, world, tmp_path, case)
     want_loss, want_grads, want_scale = single_process(
         world, n_local, 2, reduction, "torch", h_local
     )
-    if reduction == "none":
-        torch.testing.assert_close(torch.cat([r["loss"] for r in ranks]), want_loss)
-        scale = 1.0
-    else:
-        torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), want_loss)
-        scale = world
-    for leaf in range(3):
-        got = torch.cat([r["grads"][leaf] for r in ranks]) / scale
-        torch.testing.assert_close(got, want_grads[leaf], rtol=1e-9, atol=1e-12)
-    got_scale = sum(r["scale_grad"] for r in ranks) / scale
-    torch.testing.assert_close(got_scale, want_scale, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_loss_and_gradients_equal_the_single_process_ones(
-    tmp_path, world: int, reduction: str
-) -> None:
-    n_local = 5
-    case = dict(n_local=n_local, reduction=reduction, fields=2, impl="torch")
-    ranks = run(loss_worker, world, tmp_path, case)
-    want_loss, want_grads, want_scale = single_process(world, n_local, 2, reduction, "torch")
     if reduction == "none":
         # Per-pair losses and gradients are the single-process slices, unscaled.
         torch.testing.assert_close(torch.cat([r["loss"] for r in ranks]), want_loss)
@@ -88,9 +71,9 @@ def test_loss_and_gradients_equal_the_single_process_ones(
         # average over ranks brings them back).
         torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), want_loss)
         scale = world
-    for field in range(2):
-        got = torch.cat([r["grads"][field] for r in ranks]) / scale
-        torch.testing.assert_close(got, want_grads[field], rtol=1e-9, atol=1e-12)
+    for leaf in range(len(want_grads)):
+        got = torch.cat([r["grads"][leaf] for r in ranks]) / scale
+        torch.testing.assert_close(got, want_grads[leaf], rtol=1e-9, atol=1e-12)
     got_scale = sum(r["scale_grad"] for r in ranks) / scale
     torch.testing.assert_close(got_scale, want_scale, rtol=1e-9, atol=1e-12)
 
