@@ -99,13 +99,14 @@ def check_negatives(
     doc: torch.Tensor,
     doc_ids: torch.Tensor | None,
     name: str = "negatives",
-) -> torch.Tensor | None:
-    """Hard negatives ``(H, k)`` or ``(N, h, k)`` of ``doc``'s width, dtype and device, with
-    ``(H,)`` integer ``negative_ids`` (only beside ``doc_ids``); returns them as ``(H, k)``."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Hard negatives ``(H, k)``, or ``(N, h, k)`` flattened row by row (``H = N h``), of
+    ``doc``'s width, dtype and device, with integer ids ``(H,)`` (or ``(N, h)``, flattened alike)
+    beside ``doc_ids``. Returns both flattened (or None)."""
     if negatives is None:
         if negative_ids is not None:
             raise ValueError(f"negative_ids were given without {name}")
-        return None
+        return None, None
     if not isinstance(negatives, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(negatives).__name__}")
     n, k = doc.shape
@@ -115,11 +116,15 @@ def check_negatives(
                 f"{name} of shape (N, h, k) must have N = {n} rows like the documents, got "
                 f"{tuple(negatives.shape)}"
             )
+        if isinstance(negative_ids, torch.Tensor) and negative_ids.shape == negatives.shape[:2]:
+            negative_ids = negative_ids.reshape(-1)
         negatives = negatives.reshape(-1, negatives.shape[-1])
     if negatives.dim() != 2:
         raise ValueError(
             f"{name} must have shape (H, k) or (N, h, k), got {tuple(negatives.shape)}"
         )
+    if negatives.shape[0] == 0:
+        raise ValueError(f"{name} holds no hard negative (H = 0): pass None instead")
     check_embeddings(negatives, name, width=k)
     if negatives.dtype != doc.dtype:
         raise TypeError(f"{name} must have the documents' dtype {doc.dtype}, got {negatives.dtype}")
@@ -128,14 +133,21 @@ def check_negatives(
             f"{name} must be on the documents' device {doc.device}, got {negatives.device}"
         )
     if negative_ids is not None:
-        if doc_ids is None:
-            raise ValueError(
-                "negative_ids are compared with doc_ids (a negative equal to a row's positive is "
-                "not its negative): pass doc_ids too"
-            )
-        check_ids(negative_ids, negatives.shape[0], "negative_ids")
+        check_negative_ids(negative_ids, negatives.shape[0], doc_ids)
         check_same_device(negatives=negatives, negative_ids=negative_ids)
-    return negatives
+    return negatives, negative_ids
+
+
+def check_negative_ids(
+    negative_ids: torch.Tensor, count: int, doc_ids: torch.Tensor | None
+) -> None:
+    """``(count,)`` integer ids of the negatives, which are compared with ``doc_ids``."""
+    if doc_ids is None:
+        raise ValueError(
+            "negative_ids are compared with doc_ids (a negative equal to a row's positive is "
+            "not its negative): pass doc_ids too"
+        )
+    check_ids(negative_ids, count, "negative_ids")
 
 
 def check_logit_scale(logit_scale: float | torch.Tensor, validate: bool) -> None:

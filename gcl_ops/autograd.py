@@ -206,8 +206,9 @@ def _prepare_embeddings(
 def _check_loss_inputs(
     query, doc, weights, logit_scale, query_ids, doc_ids, reduction, normalize, validate,
     negatives=None, negative_ids=None,
-) -> torch.Tensor | None:  # fmt: skip
-    """Every check of the loss's inputs; returns the negatives as ``(H, k)`` (or None)."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """Every check of the loss's inputs; returns the negatives as ``(H, k)`` and their ids as
+    ``(H,)`` (or None)."""
     _checks.check_embeddings(query, "query")
     n, k = query.shape
     _checks.check_embeddings(doc, "doc", rows=n, width=k)
@@ -220,10 +221,10 @@ def _check_loss_inputs(
         query=query, doc=doc, weights=weights, query_ids=query_ids, doc_ids=doc_ids,
         logit_scale=logit_scale if isinstance(logit_scale, torch.Tensor) else None,
     )  # fmt: skip
-    negatives = _checks.check_negatives(negatives, negative_ids, doc, doc_ids)
+    negatives, negative_ids = _checks.check_negatives(negatives, negative_ids, doc, doc_ids)
     if _checks.should_validate(validate):  # one device synchronisation for all of them
         named = [("query", query, normalize), ("doc", doc, normalize)]
         if negatives is not None:
             named.append(("negatives", negatives, normalize))
         _checks.check_all_values(named, weights, logit_scale)
-    return negatives
+    return negatives, negative_ids

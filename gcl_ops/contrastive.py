@@ -133,7 +133,7 @@ def gcl_loss(
         z = logit_scale * F.normalize(query) @ F.normalize(torch.cat([doc, negatives])).T
         loss = -(w * (z.log_softmax(1).diag() + z[:, :N].log_softmax(0).diag())).mean() / 2
     """
-    negatives = _check_loss_inputs(
+    negatives, negative_ids = _check_loss_inputs(
         query, doc, weights, logit_scale, query_ids, doc_ids, reduction, normalize, validate,
         negatives, negative_ids,
     )  # fmt: skip
@@ -155,6 +155,7 @@ def gcl_loss_from_logits(
     *,
     query_ids: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
+    num_negatives: int = 0,
     negative_ids: torch.Tensor | None = None,
     reduction: Reduction = "mean",
     impl: Impl = "auto",
@@ -163,9 +164,10 @@ def gcl_loss_from_logits(
     """The GCL loss from a similarity matrix the caller already holds.
 
     Args:
-        logits: ``(N, N)`` scaled similarities, ``logits[i, j]`` = query ``i`` vs document ``j``;
-            or ``(N, N + H)`` whose last ``H`` columns are hard negatives (in every row's softmax,
-            in no column softmax: ``gcl_loss``'s ``negatives``).
+        logits: ``(N, N + num_negatives)`` scaled similarities, ``logits[i, j]`` = query ``i``
+            vs document ``j``; the last ``num_negatives`` columns are hard negatives (in every
+            row's softmax, in no column softmax: ``gcl_loss``'s ``negatives``).
+        num_negatives: ``H``, the hard-negative columns (default 0: a square matrix).
         weights, query_ids, doc_ids, negative_ids, reduction, validate: as in ``gcl_loss``.
         impl: ``"auto"`` (default: Triton for square CUDA fp32/fp16/bf16 matrices: one read of
             the matrix for both log-sum-exps, one pass to write the gradient; PyTorch ops with
@@ -180,9 +182,12 @@ def gcl_loss_from_logits(
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[0] > logits.shape[1]:
+    if not isinstance(num_negatives, int) or isinstance(num_negatives, bool) or num_negatives < 0:
+        raise ValueError(f"num_negatives must be an integer >= 0, got {num_negatives!r}")
+    if logits.dim() != 2 or logits.shape[1] != logits.shape[0] + num_negatives:
         raise ValueError(
-            f"logits must be an (N, N) or (N, N + H) matrix, got {tuple(logits.shape)}"
+            f"logits must be an (N, N + num_negatives) matrix with num_negatives = "
+            f"{num_negatives}, got {tuple(logits.shape)}"
         )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
@@ -193,11 +198,9 @@ def gcl_loss_from_logits(
     _checks.check_ids(query_ids, n, "query_ids")
     _checks.check_ids(doc_ids, n, "doc_ids")
     if negative_ids is not None:
-        if m == n:
+        if num_negatives == 0:
             raise ValueError("negative_ids were given but logits has no negative columns")
-        if doc_ids is None:
-            raise ValueError("negative_ids are compared with doc_ids: pass doc_ids too")
-        _checks.check_ids(negative_ids, m - n, "negative_ids")
+        _checks.check_negative_ids(negative_ids, num_negatives, doc_ids)
     _checks.check_choice(reduction, _checks.REDUCTIONS, "reduction")
     if _checks.should_validate(validate):  # one device synchronisation
         _checks.check_all_values([("logits", logits, False)], weights)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from gcl_ops import _checks
 from gcl_ops.autograd import Impl, _check_loss_inputs, gcl_stats, per_pair_loss
-from gcl_ops.reference import Reduction, append_negatives, reduce_loss
+from gcl_ops.reference import Reduction, append_negatives, reduce_loss, total_weight
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -105,16 +105,19 @@ class _MergeLSE(torch.autograd.Function):
         return grad_merged * weights
 
 
-def check_equal_sizes(n_local: int, device: torch.device, group, what: str = "pairs") -> None:
-    """Raise ``ValueError`` unless every rank holds ``n_local`` pairs (or other rows, ``what``);
-    a no-op on one process."""
+def check_equal_sizes(pairs: int, negatives: int, device: torch.device, group) -> None:
+    """Raise ``ValueError`` unless every rank holds ``pairs`` pairs and ``negatives`` hard
+    negatives (0 for none); one all-gather, a no-op on one process."""
     if world_size(group) == 1:
         return
-    sizes = gather_no_grad(torch.tensor([n_local], device=device), group)
-    if bool((sizes != n_local).any()):
-        raise ValueError(
-            f"every rank must hold the same number of {what}, got {sizes.tolist()} across ranks"
-        )
+    sizes = gather_no_grad(torch.tensor([[pairs, negatives]], device=device), group)
+    for column, what in enumerate(("pairs", "hard negatives")):
+        counts = sizes[:, column]
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"every rank must hold the same number of {what}, got {counts.tolist()} across "
+                "ranks"
+            )
 
 
 def distributed_gcl_loss(
@@ -158,15 +161,13 @@ def distributed_gcl_loss(
 
     Equivalent PyTorch: ``gcl_loss`` on the concatenation of every rank's batch.
     """
-    negatives = _check_loss_inputs(
+    negatives, negative_ids = _check_loss_inputs(
         query, doc, weights, logit_scale, query_ids, doc_ids, reduction, normalize, validate,
         negatives, negative_ids,
     )  # fmt: skip
     n_local, size = query.shape[0], world_size(group)
     if size > 1 and _checks.should_validate(validate):
-        check_equal_sizes(n_local, query.device, group)
-        if negatives is not None:
-            check_equal_sizes(negatives.shape[0], query.device, group, "hard negatives")
+        check_equal_sizes(n_local, 0 if negatives is None else len(negatives), query.device, group)
     offset = rank(group) * n_local
     all_docs = gather_with_grad(doc, group)
     n_global = all_docs.shape[0]
@@ -189,12 +190,13 @@ def distributed_gcl_loss(
         return per_pair
     weight_sum = None
     if reduction == "weighted_mean":
-        local_sum = (
-            torch.tensor(float(n_local), dtype=per_pair.dtype, device=per_pair.device)
+        local_sum = total_weight(weights, per_pair)
+        # Without weights the global sum is the global batch size: no collective needed.
+        weight_sum = (
+            local_sum * size
             if weights is None
-            else weights.to(per_pair.dtype).sum()
+            else gather_with_grad(local_sum.reshape(1), group).sum()
         )
-        weight_sum = gather_with_grad(local_sum.reshape(1), group).sum()
     return reduce_loss(per_pair, reduction, weights, weight_sum) * (
         1 if reduction == "mean" else size
     )

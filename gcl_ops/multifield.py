@@ -124,10 +124,12 @@ def multi_field_gcl_loss(
             raise ValueError(
                 f"negatives must be a sequence of one tensor per rhs field ({len(rhs)}), got {got}"
             )
-        negatives = [
+        checked = [
             _checks.check_negatives(neg, negative_ids, field, doc_ids, f"negatives[{index}]")
             for index, (neg, field) in enumerate(zip(negatives, rhs))
         ]
+        negatives = [neg for neg, _ in checked]
+        negative_ids = checked[0][1]
         _check_fields(negatives, "negatives", tuple(negatives[0].shape))
     elif negative_ids is not None:
         raise ValueError("negative_ids were given without negatives")
@@ -155,9 +157,8 @@ def multi_field_gcl_loss(
                 named.append(("the negatives' field average", neg_avg, True))
         _checks.check_all_values(named, weights, logit_scale)
         if distributed:
-            check_equal_sizes(lhs[0].shape[0], lhs[0].device, group)
-            if negatives is not None:
-                check_equal_sizes(negatives[0].shape[0], lhs[0].device, group, "hard negatives")
+            count = 0 if negatives is None else len(negatives[0])
+            check_equal_sizes(lhs[0].shape[0], count, lhs[0].device, group)
 
     term = gcl_loss
     if distributed:

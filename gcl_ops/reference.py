@@ -75,16 +75,21 @@ def reduce_loss(
         return per_pair.sum()
     if reduction == "weighted_mean":
         if weight_sum is None:
-            weight_sum = (
-                torch.tensor(float(per_pair.numel()), dtype=per_pair.dtype, device=per_pair.device)
-                if weights is None
-                else weights.to(per_pair.dtype).sum()
-            )
-        # A zero sum means every term is 0: the clamp turns 0/0 into 0.
-        return per_pair.sum() / weight_sum.to(per_pair.dtype).clamp_min(
-            torch.finfo(per_pair.dtype).tiny
-        )
+            weight_sum = total_weight(weights, per_pair)
+        weight_sum = weight_sum.to(per_pair.dtype)
+        # A zero sum means every term is 0: the loss is 0, and so is every gradient (the inner
+        # where keeps 0/0 out of the backward).
+        positive = weight_sum > 0
+        safe = torch.where(positive, weight_sum, torch.ones_like(weight_sum))
+        return torch.where(positive, per_pair.sum() / safe, torch.zeros_like(safe))
     return per_pair
+
+
+def total_weight(weights: torch.Tensor | None, per_pair: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i`` in ``per_pair``'s dtype and device (``N`` without weights)."""
+    if weights is None:
+        return torch.tensor(float(per_pair.numel()), dtype=per_pair.dtype, device=per_pair.device)
+    return weights.to(per_pair.dtype).sum()
 
 
 def append_negatives(
@@ -112,7 +117,7 @@ def append_negatives(
     """
     if negatives is None:
         return doc, query_ids, doc_ids
-    columns = torch.cat([doc, negatives.to(doc.dtype)])
+    columns = torch.cat([doc, negatives])
     return (columns, *column_ids(query_ids, doc_ids, negative_ids, negatives.shape[0]))
 
 
@@ -134,11 +139,19 @@ def column_ids(
 
 
 def _absent_id(ids: torch.Tensor) -> torch.Tensor:
-    """A 0-dim int64 id that is not in ``ids``: one below the smallest (above the largest if
-    the smallest is int64's minimum), computed on the device."""
-    ids = ids.long()
-    smallest = ids.min()
-    return torch.where(smallest > torch.iinfo(torch.int64).min, smallest - 1, ids.max() + 1)
+    """A 0-dim int64 id that is not in ``ids``, computed on the device without a sync: one below
+    the smallest, else one above the largest, else (both ends of int64 taken) one above the
+    start of the first gap between the sorted ids."""
+    limits = torch.iinfo(torch.int64)
+    ordered = ids.long().reshape(-1).sort().values
+    smallest, largest = ordered[0], ordered[-1]
+    if ordered.numel() > 1:
+        starts = ordered[:-1]  # never int64's maximum, so + 1 cannot wrap
+        gap_start = starts[(ordered[1:] > starts + 1).to(torch.uint8).argmax()] + 1
+    else:
+        gap_start = smallest + 1
+    inner = torch.where(largest < limits.max, largest + 1, gap_start)
+    return torch.where(smallest > limits.min, smallest - 1, inner)
 
 
 def same_ids(

@@ -18,7 +18,8 @@ An optional integration (``pip install "gcl-ops[st]"``); ``import gcl_ops`` neve
   keep such rows apart: rows that share a text in any column (directly or through a chain of
   rows) are not each other's negatives, and a hard negative whose text is in a row is not that
   row's negative. ``"per_column"`` compares within a column only (an anchor repeated as another
-  row's positive stays a negative); ``"none"`` (or False) masks nothing. Across ranks too.
+  row's positive stays a negative); ``"none"`` (or False) masks nothing. Across ranks too. Texts
+  are compared as tokenized, prompts included.
 * ``CachedGCLLoss(model, ..., mini_batch_size=32)``: the same loss on sentence-transformers' own
   gradient cache (``CachedLossMixin``: replayed dropout, AMP, DDP ``no_sync``, ``MatryoshkaLoss``),
   with the whole batch's loss in one fused call instead of a loop over row chunks.
@@ -36,7 +37,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,14 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         'install it with: pip install "gcl-ops[st]"'
     ) from error
 
+try:  # the anchors in one forward pass, all candidate columns merged in another, as MNRL does
+    from sentence_transformers.base.losses.merged_forward import embed_columns
+except ImportError:  # pragma: no cover - sentence-transformers before merged forwards
+
+    def embed_columns(model: nn.Module, features_list: Sequence[dict[str, Any]]) -> list[Tensor]:
+        return [model(features)["sentence_embedding"] for features in features_list]
+
+
 from gcl_ops import _checks, gcl_loss, score_to_weight
 from gcl_ops.autograd import Impl
 from gcl_ops.distributed import distributed_gcl_loss, gather_no_grad, rank, world_size
@@ -59,7 +68,7 @@ __all__ = ["CachedGCLLoss", "GCLLoss", "GradedRetrievalEvaluator", "duplicate_id
 
 WeightsFrom = Literal["score", "weight", "none"]
 MaskDuplicates = Literal["all_columns", "per_column", "none"]
-Reduction = Literal["mean", "weighted_mean"]
+STReduction = Literal["mean", "weighted_mean"]
 
 #: ``(query_ids, doc_ids, negative_ids)`` of a batch, each a tensor or None.
 BatchIds = tuple[Tensor | None, Tensor | None, Tensor | None]
@@ -192,18 +201,27 @@ def text_groups(
     texts = torch.cat([anchor_ids, positive_ids])
     rows = torch.arange(n, device=texts.device).repeat(2)
     unique, text_index = torch.unique(texts, return_inverse=True)
-    largest = torch.iinfo(torch.int64).max
-    group = torch.minimum(anchor_ids, positive_ids)
-    while True:  # label propagation: each pass spreads the smallest id one text further
-        text_group = torch.full((unique.numel(),), largest, dtype=torch.long, device=texts.device)
-        text_group.scatter_reduce_(0, text_index, group[rows], "amin")
-        spread = torch.full((n,), largest, dtype=torch.long, device=texts.device)
-        spread.scatter_reduce_(0, rows, text_group[text_index], "amin")
-        if torch.equal(spread, group):
+    # Label propagation on row indices with pointer jumping: every row's label is a row of its
+    # group, never larger than itself; a pass hooks each row to the smallest label among the rows
+    # it shares a text with, and label[label] shortcuts chains (O(log N) passes on a chain).
+    label = torch.arange(n, device=texts.device)
+    while True:
+        text_label = torch.full((unique.numel(),), n, dtype=torch.long, device=texts.device)
+        text_label.scatter_reduce_(0, text_index, label[rows], "amin")
+        hooked = label.clone().scatter_reduce_(0, rows, text_label[text_index], "amin")
+        hooked = hooked[hooked]
+        if torch.equal(hooked, label):  # stable: rows sharing a text have equal labels
             break
-        group = spread
+        label = hooked
+    # Name each group by its smallest text id, which every process computes alike.
+    largest = torch.iinfo(torch.int64).max
+    group_id = torch.full((n,), largest, dtype=torch.long, device=texts.device)
+    group_id.scatter_reduce_(0, label[rows], texts, "amin")
+    group = group_id[label]
     if negative_ids is None:
         return group, None
+    text_group = torch.full((unique.numel(),), largest, dtype=torch.long, device=texts.device)
+    text_group.scatter_reduce_(0, text_index, group[rows], "amin")
     position = torch.searchsorted(unique, negative_ids).clamp(max=unique.numel() - 1)
     in_batch = unique[position] == negative_ids
     return group, torch.where(in_batch, text_group[position], negative_ids)
@@ -249,7 +267,7 @@ class _GCLLossBase(nn.Module):
         weights_from: WeightsFrom = "score",
         weight_kind: str = "inverse",
         s_max: float = 100.0,
-        reduction: Reduction = "mean",
+        reduction: STReduction = "mean",
         mask_duplicates: MaskDuplicates | bool = "all_columns",
         gather_across_devices: bool = False,
         impl: Impl = "auto",
@@ -259,7 +277,7 @@ class _GCLLossBase(nn.Module):
         super().__init__()
         _checks.check_choice(weights_from, _WEIGHTS_FROM, "weights_from")
         _checks.check_choice(impl, _checks.IMPLS, "impl")
-        _checks.check_choice(reduction, ("mean", "weighted_mean"), "reduction")
+        _checks.check_choice(reduction, get_args(STReduction), "reduction")
         if isinstance(mask_duplicates, bool):
             mask_duplicates = "all_columns" if mask_duplicates else "none"
         _checks.check_choice(mask_duplicates, _MASK_DUPLICATES, "mask_duplicates")
@@ -401,8 +419,7 @@ class _GCLLossBase(nn.Module):
             return group, group, negatives
         # Groups span ranks: every rank computes them on the global batch and keeps its rows.
         n = anchor.numel()
-        group, _ = text_groups(gather_no_grad(anchor), gather_no_grad(positive))
-        _, negatives = text_groups(gather_no_grad(anchor), gather_no_grad(positive), negatives)
+        group, negatives = text_groups(gather_no_grad(anchor), gather_no_grad(positive), negatives)
         own = group[rank() * n : (rank() + 1) * n]
         return own, own, negatives
 
@@ -520,8 +537,7 @@ class GCLLoss(_GCLLossBase):
         ``weights_from="none"``)."""
         features = self._check_columns(sentence_features)
         ids = self.batch_ids(features)
-        embeddings = [self.model(column)["sentence_embedding"] for column in features]
-        return self.compute_loss_from_embeddings(embeddings, labels, ids)
+        return self.compute_loss_from_embeddings(embed_columns(self.model, features), labels, ids)
 
     def compute_loss_from_embeddings(
         self,

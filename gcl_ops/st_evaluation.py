@@ -75,13 +75,13 @@ def _rbp_name(p: float) -> str:
 def _check_grade(query_id: Any, doc_id: Any, grade: Any) -> float:
     if isinstance(grade, bool) or not isinstance(grade, numbers.Real):
         raise TypeError(
-            f"relevant_docs[{query_id!r}][{doc_id!r}] must be a number (a grade > 0), "
+            f"relevant_docs[{query_id!r}][{doc_id!r}] must be a number (a grade >= 0), "
             f"got {grade!r} of type {type(grade).__name__}"
         )
-    if not (math.isfinite(grade) and grade > 0):
+    if not (math.isfinite(grade) and grade >= 0):
         raise ValueError(
-            f"relevant_docs[{query_id!r}][{doc_id!r}] = {grade!r}: grades must be finite and > 0 "
-            "(leave non-relevant documents out of relevant_docs)"
+            f"relevant_docs[{query_id!r}][{doc_id!r}] = {grade!r}: grades must be finite and "
+            ">= 0 (0: judged non-relevant)"
         )
     return float(grade)
 
@@ -228,7 +228,10 @@ class GradedRetrievalEvaluator(SentenceEvaluator):
                         f"relevant_docs[{query_id!r}] judges document {doc_id!r}, "
                         "which is not in corpus"
                     )
-                grades.append(_check_grade(query_id, doc_id, grade))
+                grade = _check_grade(query_id, doc_id, grade)
+                if grade == 0:  # judged non-relevant: the same as unjudged (docs/CONTRACT.md 7)
+                    continue
+                grades.append(grade)
                 query_rows.append(row)
                 doc_rows.append(row_of_doc[doc_id])
         self.relevant_docs = {q: dict(relevant_docs[q]) for q in self.query_ids}

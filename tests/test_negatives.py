@@ -269,14 +269,18 @@ def test_a_masked_negative_equals_a_removed_one() -> None:
     assert changed == [2, 4]
 
 
-def test_negatives_of_shape_n_h_k_are_flattened() -> None:
+def test_negatives_of_shape_n_h_k_are_flattened_row_by_row() -> None:
+    # (N, h, k) negatives with (N, h) ids: the same as (N h, k) and (N h,) in row-major order.
     query, doc, negatives, weights = _batch(n=4, h=8)
-    per_row = negatives.reshape(4, 2, 5)
-    torch.testing.assert_close(
-        gcl_ops.gcl_loss(query, doc, weights, 2.0, negatives=per_row),
-        gcl_ops.gcl_loss(query, doc, weights, 2.0, negatives=negatives),
-        rtol=0, atol=0,
+    doc_ids, negative_ids = torch.arange(4), torch.tensor([0, 7, 1, 1, 9, 2, 3, 3])
+    flat = gcl_ops.gcl_loss(
+        query, doc, weights, 2.0, doc_ids=doc_ids, negatives=negatives, negative_ids=negative_ids
+    )
+    per_row = gcl_ops.gcl_loss(
+        query, doc, weights, 2.0, doc_ids=doc_ids, negatives=negatives.reshape(4, 2, 5),
+        negative_ids=negative_ids.reshape(4, 2),
     )  # fmt: skip
+    torch.testing.assert_close(per_row, flat, rtol=0, atol=0)
 
 
 def test_weighted_mean_is_mean_rescaled_and_zero_without_weight() -> None:
@@ -330,7 +334,7 @@ def test_frozen_negatives_and_frozen_documents(impl: str) -> None:
         (dict(negatives=torch.randn(4, 3, dtype=torch.float64)), ValueError, "width 3, expected 5"),
         (dict(negatives=torch.randn(4, 5)), TypeError, "documents' dtype torch.float64"),
         (dict(negatives=torch.randn(5, 2, 5, dtype=torch.float64)), ValueError, "N = 6 rows"),
-        (dict(negatives=torch.randn(0, 5, dtype=torch.float64)), ValueError, "empty batch"),
+        (dict(negatives=torch.randn(0, 5, dtype=torch.float64)), ValueError, r"\(H = 0\)"),
         (dict(negatives=torch.randn(4, dtype=torch.float64)), ValueError, r"\(H, k\) or"),
         (dict(negatives=[[0.0] * 5]), TypeError, "negatives must be a torch.Tensor"),
         (dict(negative_ids=torch.arange(3)), ValueError, r"negative_ids must have shape"),
@@ -373,8 +377,9 @@ def test_logits_form_with_negative_columns(reduction: str) -> None:
     logits = 3.0 * F.normalize(query) @ F.normalize(torch.cat([doc, negatives])).T
     logits.requires_grad_()
     got = gcl_ops.gcl_loss_from_logits(
-        logits, weights, doc_ids=doc_ids, negative_ids=negative_ids, reduction=reduction
-    )
+        logits, weights, num_negatives=5, doc_ids=doc_ids, negative_ids=negative_ids,
+        reduction=reduction,
+    )  # fmt: skip
     scaled_cosines = logits.detach().requires_grad_()
     truth = definition.loss_with_negatives_from_logits(
         scaled_cosines[:, :7], scaled_cosines[:, 7:], weights, doc_ids=doc_ids,
@@ -386,8 +391,12 @@ def test_logits_form_with_negative_columns(reduction: str) -> None:
     (want,) = torch.autograd.grad(truth, scaled_cosines, upstream)
     torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="takes square logits"):
-        gcl_ops.gcl_loss_from_logits(logits.float(), impl="triton")
-    with pytest.raises(ValueError, match=r"\(N, N\) or \(N, N \+ H\)"):
-        gcl_ops.gcl_loss_from_logits(logits.T)
+        gcl_ops.gcl_loss_from_logits(logits.float(), num_negatives=5, impl="triton")
+    # Extra columns are hard negatives only when asked for: (N, M) logits of one rank against
+    # a gathered batch have their positives elsewhere.
+    with pytest.raises(ValueError, match=r"num_negatives = 0, got \(7, 12\)"):
+        gcl_ops.gcl_loss_from_logits(logits)
+    with pytest.raises(ValueError, match="num_negatives must be an integer"):
+        gcl_ops.gcl_loss_from_logits(logits, num_negatives=-5)
     with pytest.raises(ValueError, match="no negative columns"):
         gcl_ops.gcl_loss_from_logits(logits[:, :7], doc_ids=doc_ids, negative_ids=negative_ids)

@@ -44,8 +44,9 @@ def texts(n: int, seed: int) -> list[str]:
 
 
 def graded_case(seed: int, num_queries: int = 12, num_docs: int = 40):
-    """Queries, a corpus and graded qrels (integer grades 1..100, 1 to 8 judged documents per
-    query), plus one query without judgements, which the evaluator skips."""
+    """Queries, a corpus and graded qrels (integer grades 1..100, 1 to 8 relevant documents per
+    query, and up to 2 judged non-relevant ones, grade 0), plus one query without judgements,
+    which the evaluator skips."""
     rng = random.Random(seed)
     sentences = texts(num_queries + 1 + num_docs, seed)
     queries = {f"q{i}": sentences[i] for i in range(num_queries + 1)}
@@ -54,6 +55,10 @@ def graded_case(seed: int, num_queries: int = 12, num_docs: int = 40):
         f"q{i}": {d: rng.randint(1, 100) for d in rng.sample(list(corpus), rng.randint(1, 8))}
         for i in range(num_queries)
     }
+    zeros = random.Random(seed + 1)  # its own stream: the relevant documents stay as they are
+    for judged in qrels.values():
+        for doc_id in zeros.sample([d for d in corpus if d not in judged], zeros.randint(0, 2)):
+            judged[doc_id] = 0
     return queries, corpus, qrels
 
 
@@ -213,10 +218,9 @@ Q, C = {"q1": "a cat", "q2": "a dog"}, {"d1": "the cat", "d2": "the dog"}
         (Q, {}, {"q1": {"d1": 1}}, {}, ValueError, "corpus is empty"),
         (Q, C, {"q3": {"d1": 1}}, {}, ValueError, "query 'q3', which is not in queries"),
         (Q, C, {"q1": {"d9": 1}}, {}, ValueError, r"\['q1'\] judges document 'd9'.*not in corpus"),
-        (Q, C, {"q1": {"d1": 0}}, {}, ValueError, r"\['q1'\]\['d1'\] = 0: .*> 0"),
-        (Q, C, {"q1": {"d1": -2.5}}, {}, ValueError, r"= -2.5: grades must be finite and > 0"),
-        (Q, C, {"q1": {"d1": math.nan}}, {}, ValueError, "must be finite and > 0"),
-        (Q, C, {"q1": {"d1": math.inf}}, {}, ValueError, "must be finite and > 0"),
+        (Q, C, {"q1": {"d1": -2.5}}, {}, ValueError, r"\['q1'\]\['d1'\] = -2.5: .*>= 0"),
+        (Q, C, {"q1": {"d1": math.nan}}, {}, ValueError, "must be finite and >= 0"),
+        (Q, C, {"q1": {"d1": math.inf}}, {}, ValueError, "must be finite and >= 0"),
         (Q, C, {"q1": {"d1": "3"}}, {}, TypeError, r"must be a number .*got '3' of type str"),
         (Q, C, {"q1": {"d1": True}}, {}, TypeError, "must be a number"),
         (Q, C, {"q1": {"d1": 1}}, {"primary_metric": "ndcg@5"}, ValueError,
@@ -269,13 +273,13 @@ def test_trainer_selects_the_best_checkpoint_by_the_evaluator(model_dir, tmp_pat
     pairs = [
         (queries[q], corpus[d], corpus[unjudged[q][i % len(unjudged[q])]], float(g))
         for q in qrels
-        for i, (d, g) in enumerate(qrels[q].items())
+        for i, (d, g) in enumerate((d, g) for d, g in qrels[q].items() if g > 0)
     ]
     # The dev judgements give each query the training documents of the next query instead, so
     # training lowers the dev metric: the best checkpoint is an early one, not the final weights.
     ids = list(qrels)
     dev = {
-        q: {d: g for d, g in qrels[ids[(i + 1) % len(ids)]].items() if d not in qrels[q]}
+        q: {d: g for d, g in qrels[ids[(i + 1) % len(ids)]].items() if g > 0 and d not in qrels[q]}
         for i, q in enumerate(ids)
     }
     evaluator = GradedRetrievalEvaluator(queries, corpus, dev, name="dev", mrr_at_k=(10,))
