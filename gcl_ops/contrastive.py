@@ -231,8 +231,8 @@ class GCLLoss(nn.Module):
     ``forward(image_features, text_features, logit_scale, weights=None, output_dict=False)``
     treats ``image_features`` as the row side (queries) and ``text_features`` as the column side
     (documents); the loss is symmetric in the two when no ids are given. The keywords
-    ``query_ids``, ``doc_ids``, ``negatives`` and ``negative_ids`` are those of ``gcl_loss``. With ``weights=None`` it
-    equals ``ClipLoss`` on the same features and scale.
+    ``query_ids``, ``doc_ids``, ``negatives`` and ``negative_ids`` are those of ``gcl_loss``.
+    With ``weights=None`` it equals ``ClipLoss`` on the same features and scale.
 
     open_clip passes features that are already unit-norm. With the default ``normalize=True`` the
     value is then identical to ``ClipLoss`` and so are the model's parameter gradients (the
