@@ -295,7 +295,7 @@ def test_weighted_mean_is_mean_rescaled_and_zero_without_weight() -> None:
     zero = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     off = gcl_ops.gcl_loss(query, doc, zero, 2.0, reduction="weighted_mean")
     (grad,) = torch.autograd.grad(off, zero)
-    assert float(off) == 0.0 and torch.isfinite(grad).all()
+    assert float(off.detach()) == 0.0 and bool((grad == 0).all())
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
