@@ -1,4 +1,4 @@
-"""The GPU kit: every GPU number of gcl-ops in one command, in at most 8 minutes on one H100/H200.
+"""The GPU kit: every GPU number of gcl-ops in one command, in at most 9 minutes on one H100/H200.
 
     bash scripts/gpu_check.sh OUT               # the wrapper (installs carried wheels first)
     python benchmarks/gpu_kit.py run OUT        # every part, each in its own time box
@@ -18,7 +18,10 @@ Parts, in order (``PARTS``: name, seconds on a GPU):
 6. ``metrics``: ``benchmarks/bench_metrics.py``, 100,000 queries x 100 on the GPU and the CPU;
 7. ``grad_cache``: ``benchmarks/bench_grad_cache.py`` with open_clip ViT-B-32 multi-field: the
    largest batch without and with gradient caching, and the time per sample of each;
-8. ``trainer``: the reference trainer, ViT-B-32 multi-field, 50 steps on synthetic data.
+8. ``st_negatives``: ``benchmarks/bench_sentence_transformers.py`` with hard negatives: GCLLoss
+   against MNRL and CachedGCLLoss against CMNRL (symmetric), 1,024 pairs x 7 negatives, a step
+   (where the machine has sentence-transformers, whose dependencies are too large to carry);
+9. ``trainer``: the reference trainer, ViT-B-32 multi-field, 50 steps on synthetic data.
 
 Each part runs in its own process under a timeout: a failure or a time-out loses only that part,
 and every part writes its rows (CSV / JSON, with the hardware line) under OUT as soon as they
@@ -49,6 +52,7 @@ PARTS = (
     ("largest_n", 60),
     ("metrics", 25),
     ("grad_cache", 50),
+    ("st_negatives", 70),
     ("trainer", 50),
 )
 DRY_RUN_SECONDS = 240
@@ -273,6 +277,23 @@ def grad_cache(out: Path, dry: bool) -> dict:
         argv = ["--model", "ViT-B-32", "--time-budget", "40", "--repeats", "2"]
     bench_grad_cache.main([*argv, "--out", str(out / "grad_cache_gpu.csv")])
     return {"csv": "grad_cache_gpu.csv"}
+
+
+def st_negatives(out: Path, dry: bool) -> dict:
+    import importlib.util
+
+    # sentence-transformers imports scipy, scikit-learn and datasets (pyarrow): too large to carry
+    # as wheels, so this part runs where the GPU machine has them.
+    if importlib.util.find_spec("sentence_transformers") is None:
+        return {"skipped": "sentence-transformers is not installed on this machine"}
+    sizes = (["--device", "cpu", "--batches", "16", "--negatives", "1", "--steps", "1",
+              "--hidden", "16"] if dry else
+             ["--device", "cuda", "--batches", "1024", "--negatives", "7", "--steps", "3"])  # fmt: skip
+    losses = ["gcl_uncached", "mnrl_sym", "gcl", "cmnrl_sym"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_sentence_transformers.py"), *sizes,
+               "--modes", "step", "--losses", *losses, "--out", str(out / "st_negatives_gpu.csv")]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True)
+    return {"csv": "st_negatives_gpu.csv", "losses": losses}
 
 
 def trainer(out: Path, dry: bool) -> dict:

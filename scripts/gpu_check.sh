@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU kit (benchmarks/gpu_kit.py): every GPU number of gcl-ops in one command, at most 8
+# The GPU kit (benchmarks/gpu_kit.py): every GPU number of gcl-ops in one command, at most 9
 # minutes on one H100 / H200; results, plots and a summary under OUT.
 #
 #   bash scripts/gpu_check.sh --fetch-wheels wheels/   # here (network): the wheels to carry

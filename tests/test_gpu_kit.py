@@ -22,7 +22,7 @@ def test_the_gpu_kit_dry_run_passes(tmp_path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [row["part"] for row in summary] == [
         "environment", "gpu_tests", "correctness", "loss", "largest_n", "metrics", "grad_cache",
-        "trainer",
+        "st_negatives", "trainer",
     ]  # fmt: skip
     assert all(row["status"] == "ok" for row in summary), summary
     # Each part left its rows, with the hardware line where it writes a table.
@@ -37,5 +37,6 @@ def test_the_gpu_kit_dry_run_passes(tmp_path) -> None:
     loss_rows = (tmp_path / "loss_gpu.csv").read_text().splitlines()
     assert "device" in loss_rows[0] and len(loss_rows) > 3
     assert (tmp_path / "loss_gpu.png").exists()
-    for name in ("largest_n.json", "metrics_gpu.csv", "grad_cache_gpu.csv", "trainer.json"):
+    for name in ("largest_n.json", "metrics_gpu.csv", "grad_cache_gpu.csv", "st_negatives_gpu.csv",
+                 "trainer.json"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0, name

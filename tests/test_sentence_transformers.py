@@ -422,7 +422,12 @@ class RecordingGCLLoss(GCLLoss):
 
     def forward(self, sentence_features, labels=None):
         sentence_features = list(sentence_features)
-        self.calls.append({"input_ids": sentence_features[0]["input_ids"].clone()})
+        self.calls.append(
+            {
+                "input_ids": sentence_features[0]["input_ids"].clone(),
+                "columns": len(sentence_features),
+            }
+        )
         return super().forward(sentence_features, labels)
 
     def compute_loss_from_embeddings(self, embeddings, labels, ids=(None, None, None)):

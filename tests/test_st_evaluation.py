@@ -21,9 +21,13 @@ import pytest  # noqa: E402
 import pytrec_eval  # noqa: E402
 import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
-from test_sentence_transformers import WORDS, build_model_dir, load_model  # noqa: E402
+from test_sentence_transformers import (  # noqa: E402
+    WORDS,
+    RecordingGCLLoss,
+    build_model_dir,
+    load_model,
+)
 
-from gcl_ops.sentence_transformers import GCLLoss  # noqa: E402
 from gcl_ops.st_evaluation import GradedRetrievalEvaluator  # noqa: E402
 
 
@@ -245,19 +249,6 @@ def test_malformed_input_is_refused(queries, corpus, qrels, options, error, matc
 # ----------------------------------------------------------------------------------------------
 
 
-class ColumnCountingGCLLoss(GCLLoss):
-    """GCLLoss that records how many text columns each batch brought."""
-
-    def __init__(self, model, **options) -> None:
-        super().__init__(model, **options)
-        self.columns: list[int] = []
-
-    def forward(self, sentence_features, labels=None):
-        sentence_features = list(sentence_features)
-        self.columns.append(len(sentence_features))
-        return super().forward(sentence_features, labels)
-
-
 @pytest.mark.slow
 def test_trainer_selects_the_best_checkpoint_by_the_evaluator(model_dir, tmp_path) -> None:
     import datasets
@@ -296,12 +287,13 @@ def test_trainer_selects_the_best_checkpoint_by_the_evaluator(model_dir, tmp_pat
         metric_for_best_model=evaluator.primary_metric, report_to="none", seed=0, use_cpu=True,
         disable_tqdm=True,
     )  # fmt: skip
-    loss = ColumnCountingGCLLoss(model)
+    loss = RecordingGCLLoss(model)
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator
     )
     trainer.train()
-    assert loss.columns == [3] * 6  # anchor, positive and the hard negative at every step
+    # anchor, positive and the hard negative at every step
+    assert [call["columns"] for call in loss.calls] == [3] * 6
 
     # Every evaluation logged every metric, under the trainer's "eval_" prefix.
     evaluations = [e for e in trainer.state.log_history if "eval_dev_ndcg@10" in e]
