@@ -322,6 +322,34 @@ def test_text_groups_join_rows_sharing_any_text() -> None:
     assert negative_ids.tolist() == [5, 99, 10]
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_text_groups_equal_union_find(seed: int) -> None:
+    # Random small batches with many repeated texts: the groups are the connected components of
+    # "shares a text", each named by its smallest text id; a negative gets its text's group.
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 30, (), generator=generator))
+    anchor, positive = (torch.randint(0, 20, (n,), generator=generator) for _ in range(2))
+    negatives = torch.randint(0, 25, (7,), generator=generator)
+    parent = list(range(n))
+
+    def root(row: int) -> int:
+        while parent[row] != row:
+            row = parent[row]
+        return row
+
+    texts = [{int(anchor[i]), int(positive[i])} for i in range(n)]
+    for i in range(n):
+        for j in range(i):
+            if texts[i] & texts[j]:
+                parent[root(i)] = root(j)
+    want = [min(min(texts[j]) for j in range(n) if root(j) == root(i)) for i in range(n)]
+    group, negative_ids = text_groups(anchor, positive, negatives)
+    assert group.tolist() == want
+    for text, got in zip(negatives.tolist(), negative_ids.tolist()):
+        holders = [i for i in range(n) if text in texts[i]]
+        assert got == (want[holders[0]] if holders else text)
+
+
 def test_a_text_repeated_across_columns_is_masked(model_dir) -> None:
     # A[1], P[1] = P[0], A[0] (symmetric tasks): with the default one id space the two rows are
     # not each other's negatives (no cosine-1 negative); a hard negative equal to row 3's anchor
